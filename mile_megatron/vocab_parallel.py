@@ -1,0 +1,249 @@
+"""Exact per-token cross-entropy and entropy over a vocabulary sharded across tensor-parallel ranks.
+
+Rank r of the TP group holds the logits of columns [r * Vl, (r + 1) * Vl) (Megatron's layout, padding columns
+included: they take part in the softmax exactly as in Megatron). For each token (row) rank r computes, in fp32
+(fp64 for fp64 inputs), over its own columns z_j with m_r = max_j z_j and e_j = exp(z_j - m_r):
+
+    m_r,   s_r = sum_{j != argmax} e_j   (the argmax term, exactly 1, is left out so log1p keeps precision),
+    t_r = sum_j e_j (z_j - m_r)  (<= 0),   zy_r = z_y if y is one of this rank's columns else 0.
+
+One all-gather of these four numbers per token (plus a two-number trailer: the shard width and a bad-target flag,
+for input checks) lets every rank merge them exactly. With M = max_r m_r, c_r = exp(m_r - M) and
+Z = sum_j exp(z_j - M) = 1 + S over the whole vocabulary:
+
+    S  = sum_r c_r s_r + sum_{r != r*} c_r                     (r* = one rank holding the global max)
+    T  = sum_r c_r (t_r + (s_r + 1)(m_r - M)) = sum_j e^(z_j - M)(z_j - M)   (<= 0)
+    CE = -log p_y = (M - z_y) + log1p(S)
+    H  = -sum_j p_j log p_j = log1p(S) - T / (1 + S)           (both terms >= 0: no cancellation)
+
+The weight w (MiLe: (sigma + H)^gamma, focal: (1 - p_y)^gamma with p_y = exp(-CE)) is a constant for autograd.
+Backward needs no collective: p_j = exp(z_j - M - log1p(S)) is recomputed from the saved logits, and
+d loss_i / d z_ij = g_i * w_i * (p_ij - [j == y_i]) is formed in fp32 and rounded once to the logits' dtype.
+The input logits are never written to.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+from .parallel import ProcessGroup, all_gather_rows, group_rank, group_size, resolve_tp_group
+
+# Rows are processed in chunks of at most this many logits so fp32 temporaries stay bounded (64 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 24
+
+_STATS = 4  # m, s, t, zy per token
+_TRAILER = 2  # shard width, bad-target flag
+
+_input_checks = os.environ.get("MILE_MEGATRON_INPUT_CHECKS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_input_checks(enabled: bool) -> None:
+    """Switch the checks that need a host synchronisation (target range, equal shard widths across TP ranks).
+
+    On by default; environment MILE_MEGATRON_INPUT_CHECKS=0 switches them off at import. They are skipped
+    automatically while a CUDA graph is being captured.
+    """
+    global _input_checks
+    _input_checks = bool(enabled)
+
+
+def input_checks() -> bool:
+    """Whether host-synchronising input checks are on."""
+    return _input_checks
+
+
+class TokenLosses(NamedTuple):
+    """Per-token results, float32, shape of the target. Only `loss` carries a gradient."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    entropy: torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(num_rows: int, width: int):
+    step = max(1, CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, num_rows, step):
+        yield slice(start, min(start + step, num_rows))
+
+
+def _local_statistics(rows: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor) -> torch.Tensor:
+    """[N, 4] = (m, s, t, zy) over this rank's columns, as described in the module docstring."""
+    dtype = _compute_dtype(rows.dtype)
+    stats = torch.empty(rows.shape[0], _STATS, dtype=dtype, device=rows.device)
+    for chunk in _row_chunks(rows.shape[0], rows.shape[1]):
+        z = rows[chunk].to(dtype)
+        m, argmax = z.max(dim=-1, keepdim=True)
+        shifted = z - m
+        e = shifted.exp()
+        stats[chunk, 2] = (e * shifted).sum(dim=-1)
+        e.scatter_(-1, argmax, 0.0)
+        stats[chunk, 1] = e.sum(dim=-1)
+        stats[chunk, 0] = m.squeeze(-1)
+        zy = z.gather(-1, local_target[chunk].unsqueeze(-1)).squeeze(-1)
+        stats[chunk, 3] = torch.where(on_rank[chunk], zy, torch.zeros_like(zy))
+    return stats
+
+
+def _merge_statistics(per_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """per_rank [tp, N, 4] -> (M, log1p(S), CE, H) per token, exactly as in the module docstring."""
+    m, s, t, zy = per_rank.unbind(dim=-1)
+    global_max, owner = m.max(dim=0, keepdim=True)
+    scale = (m - global_max).exp()
+    others = scale.scatter(0, owner, 0.0)  # c_r with one maximal rank left out (its c is exactly 1)
+    total = (scale * s).sum(dim=0) + others.sum(dim=0)
+    log_z = torch.log1p(total)
+    weighted = (scale * (t + (s + 1.0) * (m - global_max))).sum(dim=0)
+    global_max = global_max.squeeze(0)
+    ce = (global_max - zy.sum(dim=0)) + log_z
+    entropy = log_z - weighted / (1.0 + total)
+    return global_max, log_z, ce, entropy
+
+
+def _check_inputs(trailer: torch.Tensor) -> None:
+    """trailer [tp, 2] = (shard width, bad-target flag) from every rank; same result, so same error, on all."""
+    widths = trailer[:, 0]
+    if bool((widths != widths[0]).any()):
+        raise ValueError(
+            "vocab-parallel logits have different last dimensions on the tensor-parallel ranks "
+            f"({[int(w) for w in widths.tolist()]}); every rank must hold an equal vocabulary shard "
+            "(pad the vocabulary to a multiple of the TP size, as Megatron does)"
+        )
+    if bool((trailer[:, 1] != 0).any()):
+        vocab = int(widths[0]) * trailer.shape[0]
+        raise ValueError(
+            f"target ids must lie in [0, {vocab}) (the padded vocabulary across all TP ranks); "
+            "mask out ignored positions with loss_mask instead of negative or out-of-range ids"
+        )
+
+
+def _checks_active(device: torch.device) -> bool:
+    if not _input_checks:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
+    """loss_i = w_i * CE_i with the weight w_i held constant for the gradient; returns (loss, ce, entropy, w)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, kind, gamma, sigma, tp_group):
+        width = logits.shape[-1]
+        rows = logits.reshape(-1, width)
+        flat_target = target.reshape(-1)
+        tp_rank, tp_size = group_rank(tp_group), group_size(tp_group)
+        first = tp_rank * width
+        local_target = flat_target - first
+        on_rank = (local_target >= 0) & (local_target < width)
+        local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
+
+        stats = _local_statistics(rows, local_target, on_rank)
+        checks = _checks_active(logits.device)
+        if checks:
+            bad = ((flat_target < 0) | (flat_target >= width * tp_size)).any().to(stats.dtype)
+        else:
+            bad = torch.zeros((), dtype=stats.dtype, device=stats.device)
+        trailer = torch.stack([torch.full((), float(width), dtype=stats.dtype, device=stats.device), bad])
+        gathered = all_gather_rows(torch.cat([stats.view(-1), trailer]), tp_group)  # the one TP collective
+        if checks:
+            _check_inputs(gathered[:, -_TRAILER:])
+        per_rank = gathered[:, :-_TRAILER].view(tp_size, -1, _STATS)
+        global_max, log_z, ce, entropy = _merge_statistics(per_rank)
+
+        if kind == "mile":
+            weight = (sigma + entropy).pow(gamma)
+        elif kind == "focal":
+            weight = (-torch.expm1(-ce)).pow(gamma)  # (1 - p_y)^gamma
+        else:
+            weight = torch.ones_like(ce)
+
+        ctx.save_for_backward(rows, local_target, on_rank, global_max, log_z, weight)
+        ctx.logits_shape = logits.shape
+        shape = target.shape
+        loss = (weight * ce).float().view(shape)
+        ce, entropy, weight = (x.float().view(shape) for x in (ce, entropy, weight))
+        ctx.mark_non_differentiable(ce, entropy, weight)
+        return loss, ce, entropy, weight
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
+        rows, local_target, on_rank, global_max, log_z, weight = ctx.saved_tensors
+        dtype = _compute_dtype(rows.dtype)
+        scale = grad_loss.reshape(-1).to(dtype) * weight  # g_i * w_i
+        grad = torch.empty_like(rows, memory_format=torch.contiguous_format)
+        for chunk in _row_chunks(rows.shape[0], rows.shape[1]):
+            probs = (rows[chunk].to(dtype) - (global_max[chunk] + log_z[chunk]).unsqueeze(-1)).exp()
+            onehot = on_rank[chunk].to(dtype).unsqueeze(-1)
+            probs.scatter_add_(-1, local_target[chunk].unsqueeze(-1), -onehot)
+            grad[chunk] = (probs * scale[chunk].unsqueeze(-1)).to(rows.dtype)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
+def validate_weight_parameters(gamma: float, sigma: float | None = None) -> None:
+    if not gamma >= 0:
+        raise ValueError(f"gamma must be >= 0 (got {gamma}); gamma = 0 gives plain cross-entropy")
+    if sigma is not None and not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0 (got {sigma}); the paper uses sigma = 1")
+
+
+def validate_target(vocab_parallel_logits: torch.Tensor, target: torch.Tensor) -> None:
+    if not vocab_parallel_logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor (got {vocab_parallel_logits.dtype})")
+    if vocab_parallel_logits.dim() < 1 or tuple(target.shape) != tuple(vocab_parallel_logits.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal the logits shape without its last (vocabulary) "
+            f"dimension, {tuple(vocab_parallel_logits.shape[:-1])}"
+        )
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise ValueError(f"target must hold integer token ids (got {target.dtype})")
+
+
+def weighted_vocab_parallel_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    kind: str,
+    gamma: float,
+    sigma: float,
+    tp_group: ProcessGroup,
+) -> tuple[TokenLosses, torch.Tensor]:
+    """Shared implementation: per-token losses and the (detached) weights w; `kind` in ("mile", "focal", "ce")."""
+    group = resolve_tp_group(tp_group)
+    loss, ce, entropy, weight = _WeightedVocabParallelCrossEntropy.apply(
+        vocab_parallel_logits, target.long(), kind, float(gamma), float(sigma), group
+    )
+    return TokenLosses(loss, ce, entropy), weight
+
+
+def vocab_parallel_mile_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    tp_group: ProcessGroup = None,
+) -> TokenLosses:
+    """Per-token MiLe loss (sigma + H)^gamma * CE over a TP-sharded vocabulary, with CE and entropy H.
+
+    vocab_parallel_logits: [..., V_pad / tp] (any float dtype, any strides); target: [...] global token ids.
+    tp_group=None uses Megatron's tensor-parallel group when megatron.core.parallel_state is initialised.
+    """
+    validate_weight_parameters(gamma, sigma)
+    validate_target(vocab_parallel_logits, target)
+    return weighted_vocab_parallel_cross_entropy(vocab_parallel_logits, target, "mile", gamma, sigma, tp_group)[0]
+
+
+def vocab_parallel_focal_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 1.0,
+    tp_group: ProcessGroup = None,
+) -> TokenLosses:
+    """Per-token focal loss (1 - p_y)^gamma * CE over a TP-sharded vocabulary, with CE and entropy H."""
+    validate_weight_parameters(gamma)
+    validate_target(vocab_parallel_logits, target)
+    return weighted_vocab_parallel_cross_entropy(vocab_parallel_logits, target, "focal", gamma, 0.0, tp_group)[0]
