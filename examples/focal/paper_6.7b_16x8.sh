@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The focal-loss baseline (--loss focal; --mile-gamma sets its gamma): examples/paper_6.7b_16x8.sh with LOSS=focal; same variables and arguments.
+set -euo pipefail
+export LOSS=focal
+exec bash "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/paper_6.7b_16x8.sh" "$@"

@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Common launcher: one torchrun agent on this node around `python -m mile_megatron.pretrain_gpt`.
+# Every other script in examples/ sets a few variables and runs this one. See examples/README.md.
+#
+# Required:
+#   GPUS_PER_NODE             processes (GPUs) on this node
+#   DATA_ARGS_PATH            blend file for --data-args-path ("[weight] prefix ..."), or
+#   PER_SPLIT_DATA_ARGS_PATH  JSON for --per-split-data-args-path ({"train": ..., "valid": ..., "test": ...}),
+#                             or MOCK_DATA=1 (Megatron's synthetic data, for throughput checks)
+#   TOKENIZER_MODEL           SentencePiece model file (TOKENIZER_TYPE=NullTokenizer needs VOCAB_SIZE instead)
+#   CHECKPOINT_DIR            --save and --load directory (created if missing; a run resumes from it)
+# Multi-node (NNODES > 1): NODE_RANK, MASTER_ADDR, MASTER_PORT.
+# Optional: NNODES (1), LOSS (mile|focal|ce, default mile), PRESET (tiny|468m|1.2b|6.7b),
+#   TOKENIZER_TYPE (GPTSentencePieceTokenizer), VOCAB_SIZE, TENSORBOARD_DIR, MILE_LOSS_LOG,
+#   EXTRA_ARGS (more Megatron / mile flags, split on whitespace; arguments given to this script are
+#   appended after them), CPU=1 (CPU mode: --cpu, gloo), PYTHON (python3), DRY_RUN=1 (print the
+#   command and exit).
+set -euo pipefail
+
+prog="examples/pretrain.sh"
+die() { echo "$prog: error: $*" >&2; exit 1; }
+
+# --- helpers ----------------------------------------------------------------------------------
+need_var() {  # need_var NAME HINT: NAME must be set and non-empty
+    [[ -n "${!1:-}" ]] || die "$1 is not set: $2"
+}
+need_uint() {  # need_uint NAME MIN: NAME must be an integer >= MIN
+    [[ "${!1}" =~ ^[0-9]+$ ]] && (( 10#${!1} >= $2 )) || die "$1='${!1}' must be an integer >= $2"
+}
+need_file() {  # need_file NAME: the file named by variable NAME must exist
+    [[ -f "${!1}" ]] || die "$1='${!1}' does not exist (or is not a file)"
+}
+one_of() {  # one_of NAME VALUE...: NAME's value must be one of VALUE...
+    local name="$1" value="${!1}"; shift
+    local allowed
+    for allowed in "$@"; do [[ "$value" == "$allowed" ]] && return 0; done
+    die "$name='$value' is not one of: $*"
+}
+
+# --- variables --------------------------------------------------------------------------------
+PYTHON="${PYTHON:-python3}"
+LOSS="${LOSS:-mile}"
+PRESET="${PRESET:-}"
+NNODES="${NNODES:-1}"
+CPU="${CPU:-0}"
+MOCK_DATA="${MOCK_DATA:-0}"
+TOKENIZER_TYPE="${TOKENIZER_TYPE:-GPTSentencePieceTokenizer}"
+DRY_RUN="${DRY_RUN:-0}"
+
+command -v "$PYTHON" >/dev/null 2>&1 || die "PYTHON='$PYTHON' is not an executable; activate the project's venv or set PYTHON"
+one_of LOSS mile focal ce
+[[ -z "$PRESET" ]] || one_of PRESET tiny 468m 1.2b 6.7b
+one_of CPU 0 1
+one_of MOCK_DATA 0 1
+one_of DRY_RUN 0 1
+
+need_var GPUS_PER_NODE "set the number of processes (GPUs) per node, e.g. GPUS_PER_NODE=8"
+need_uint GPUS_PER_NODE 1
+need_uint NNODES 1
+if (( NNODES > 1 )); then
+    need_var NODE_RANK "set this node's rank (0 .. NNODES-1) when NNODES=$NNODES"
+    need_uint NODE_RANK 0
+    (( 10#$NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
+    need_var MASTER_ADDR "set the address of the node with NODE_RANK=0 when NNODES=$NNODES"
+    need_var MASTER_PORT "set a free TCP port on MASTER_ADDR when NNODES=$NNODES"
+else
+    NODE_RANK="${NODE_RANK:-0}"
+    [[ "$NODE_RANK" == 0 ]] || die "NODE_RANK=$NODE_RANK but NNODES=1; set NNODES for a multi-node run"
+fi
+[[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
+
+# Data: exactly one source.
+sources=0
+[[ -n "${DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
+[[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
+[[ "$MOCK_DATA" == 1 ]] && sources=$((sources + 1))
+(( sources == 1 )) || die "set exactly one of DATA_ARGS_PATH (blend file from mile-preprocess), PER_SPLIT_DATA_ARGS_PATH (per-split JSON) or MOCK_DATA=1 (found $sources)"
+data_args=()
+if [[ -n "${DATA_ARGS_PATH:-}" ]]; then
+    need_file DATA_ARGS_PATH
+    data_args=(--data-args-path "$DATA_ARGS_PATH")
+elif [[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]]; then
+    need_file PER_SPLIT_DATA_ARGS_PATH
+    data_args=(--per-split-data-args-path "$PER_SPLIT_DATA_ARGS_PATH")
+else
+    data_args=(--mock-data)
+fi
+
+tokenizer_args=(--tokenizer-type "$TOKENIZER_TYPE")
+if [[ "$TOKENIZER_TYPE" == NullTokenizer ]]; then
+    need_var VOCAB_SIZE "TOKENIZER_TYPE=NullTokenizer needs the vocabulary size (token ids are 0 .. VOCAB_SIZE-1)"
+    need_uint VOCAB_SIZE 2
+    tokenizer_args+=(--vocab-size "$VOCAB_SIZE")
+else
+    need_var TOKENIZER_MODEL "set the tokenizer model (a SentencePiece .model file, e.g. from mile-train-tokenizer)"
+    if [[ "$TOKENIZER_TYPE" == *SentencePiece* ]]; then
+        need_file TOKENIZER_MODEL
+    fi
+    tokenizer_args+=(--tokenizer-model "$TOKENIZER_MODEL")
+fi
+
+need_var CHECKPOINT_DIR "set the checkpoint directory (used for --save and --load)"
+checkpoint_parent="$(dirname "$CHECKPOINT_DIR")"
+[[ -d "$checkpoint_parent" ]] || die "CHECKPOINT_DIR='$CHECKPOINT_DIR': parent directory '$checkpoint_parent' does not exist"
+
+optional_args=()
+if [[ -n "${TENSORBOARD_DIR:-}" ]]; then
+    [[ -d "$(dirname "$TENSORBOARD_DIR")" ]] || die "TENSORBOARD_DIR='$TENSORBOARD_DIR': parent directory does not exist"
+    optional_args+=(--tensorboard-dir "$TENSORBOARD_DIR")
+fi
+if [[ -n "${MILE_LOSS_LOG:-}" ]]; then
+    [[ -d "$(dirname "$MILE_LOSS_LOG")" ]] || die "MILE_LOSS_LOG='$MILE_LOSS_LOG': parent directory does not exist"
+    optional_args+=(--mile-loss-log "$MILE_LOSS_LOG")
+fi
+[[ -z "$PRESET" ]] || optional_args=(--preset "$PRESET" "${optional_args[@]}")
+[[ "$CPU" == 0 ]] || optional_args+=(--cpu)
+
+extra_args=()
+[[ -z "${EXTRA_ARGS:-}" ]] || read -r -a extra_args <<< "$EXTRA_ARGS"
+
+# Every prefix named in the data file must have its .bin and .idx (Megatron would only find out
+# after start-up on every node). Mirrors Megatron's blend format: an odd-length list is all
+# prefixes, an even-length one alternates weight, prefix. URLs (object storage) are not checked.
+if [[ "$MOCK_DATA" == 0 ]]; then
+    "$PYTHON" - "${DATA_ARGS_PATH:-}" "${PER_SPLIT_DATA_ARGS_PATH:-}" <<'PY' || exit 1
+import json, os, sys
+
+blend_path, per_split_path = sys.argv[1], sys.argv[2]
+
+def prefixes(tokens):
+    return tokens if len(tokens) % 2 else tokens[1::2]
+
+if blend_path:
+    variable, path = "DATA_ARGS_PATH", blend_path
+    with open(path) as f:
+        lists = {"blend": f.read().split()}
+else:
+    variable, path = "PER_SPLIT_DATA_ARGS_PATH", per_split_path
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except json.JSONDecodeError as e:
+        sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' is not valid JSON: {e}")
+    missing = [s for s in ("train", "valid", "test") if s not in spec]
+    if not isinstance(spec, dict) or missing:
+        sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' needs keys train, valid, test (missing {missing})")
+    lists = {s: (v.split() if isinstance(v, str) else list(v or [])) for s, v in spec.items()}
+if not any(lists.values()):
+    sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' names no dataset")
+for split, tokens in lists.items():
+    for prefix in prefixes(tokens):
+        if "://" in prefix:
+            continue
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' ({split}) names dataset "
+                         f"'{prefix}', but '{prefix}{suffix}' does not exist")
+PY
+fi
+
+"$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("mile_megatron") is None)' \
+    || die "mile_megatron is not importable with PYTHON='$PYTHON'; activate the project's venv (tools/bootstrap.sh) or set PYTHON"
+
+# --- command ----------------------------------------------------------------------------------
+launcher=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE")
+if (( NNODES == 1 )) && [[ -z "${MASTER_PORT:-}" ]]; then
+    launcher+=(--standalone --nnodes 1)
+else
+    launcher+=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
+               --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "$MASTER_PORT")
+fi
+
+command=("${launcher[@]}" -m mile_megatron.pretrain_gpt
+         "${optional_args[@]}"
+         --loss "$LOSS"
+         "${data_args[@]}"
+         "${tokenizer_args[@]}"
+         --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR"
+         "${extra_args[@]}" "$@")
+
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+mode="GPU"; [[ "$CPU" == 0 ]] || mode="CPU"
+echo "$prog: node $NODE_RANK of $NNODES, $GPUS_PER_NODE $mode processes, loss $LOSS${PRESET:+, preset $PRESET}" >&2
+if [[ "$DRY_RUN" == 1 ]]; then  # the command on stdout, shell-quoted, nothing started
+    printf '%q ' "${command[@]}"; echo
+    exit 0
+fi
+printf '%q ' "${command[@]}" >&2; echo >&2
+mkdir -p "$CHECKPOINT_DIR"
+exec "${command[@]}"
