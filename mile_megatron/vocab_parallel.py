@@ -18,7 +18,8 @@ Z = sum_j exp(z_j - M) = 1 + S over the whole vocabulary:
 
 The weight w (MiLe: (sigma + H)^gamma, focal: (1 - p_y)^gamma with p_y = exp(-CE)) is a constant for autograd.
 Backward needs no collective: p_j = exp(z_j - M - log1p(S)) is recomputed from the saved logits, and
-d loss_i / d z_ij = g_i * w_i * (p_ij - [j == y_i]) is formed in fp32 and rounded once to the logits' dtype.
+d loss_i / d z_ij = g_i * w_i * (p_ij - [j == y_i]) is formed in fp32 (at j = y_i as expm1(-CE), exact when
+p_y ~ 1) and rounded once to the logits' dtype.
 The input logits are never written to.
 """
 
@@ -163,7 +164,7 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
         else:
             weight = torch.ones_like(ce)
 
-        ctx.save_for_backward(rows, local_target, on_rank, global_max, log_z, weight)
+        ctx.save_for_backward(rows, local_target, on_rank, global_max, log_z, ce, weight)
         ctx.logits_shape = logits.shape
         shape = target.shape
         loss = (weight * ce).float().view(shape)
@@ -173,14 +174,19 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
-        rows, local_target, on_rank, global_max, log_z, weight = ctx.saved_tensors
+        rows, local_target, on_rank, global_max, log_z, ce, weight = ctx.saved_tensors
         dtype = _compute_dtype(rows.dtype)
         scale = grad_loss.reshape(-1).to(dtype) * weight  # g_i * w_i
+        # At the target column p_y - 1 = expm1(-CE): exact even when p_y rounds to 1.
+        target_grad = torch.expm1(-ce)
         grad = torch.empty_like(rows, memory_format=torch.contiguous_format)
         for chunk in _row_chunks(rows.shape[0], rows.shape[1]):
-            probs = (rows[chunk].to(dtype) - (global_max[chunk] + log_z[chunk]).unsqueeze(-1)).exp()
-            onehot = on_rank[chunk].to(dtype).unsqueeze(-1)
-            probs.scatter_add_(-1, local_target[chunk].unsqueeze(-1), -onehot)
+            # (z - M) first: it is exact near the maximum, while M + log Z would round at |M| ~ 1e4.
+            shifted = rows[chunk].to(dtype) - global_max[chunk].unsqueeze(-1)
+            probs = (shifted - log_z[chunk].unsqueeze(-1)).exp()
+            index = local_target[chunk].unsqueeze(-1)
+            at_target = torch.where(on_rank[chunk], target_grad[chunk], probs.gather(-1, index).squeeze(-1))
+            probs.scatter_(-1, index, at_target.unsqueeze(-1))
             grad[chunk] = (probs * scale[chunk].unsqueeze(-1)).to(rows.dtype)
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
