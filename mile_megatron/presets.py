@@ -46,6 +46,7 @@ _PAPER_OPTIMISER: tuple[str, ...] = (
     "--eval-iters", "20",
     "--log-interval", "10",
     "--log-throughput",
+    "--eod-mask-loss",               # documents are [BOS] text [EOD] (mile-preprocess)
 )
 
 
@@ -123,10 +124,11 @@ PAPER_DIFFERENCES: tuple[str, ...] = (
     "warmup is uncertain).",
     "Seeds: --seed 111 with Megatron's policy (same seed on every data-parallel rank, +100 per "
     "pipeline stage, data order from the dataset seed) instead of the reference code's 111 + rank.",
-    "Documents and boundaries: Megatron indexed datasets concatenate documents separated by the "
-    "tokenizer's end-of-document token and train on every target including EOD (no BOS prefix); "
-    "the reference code prefixes each document with id 0, appends no EOS and masks labels equal "
-    "to 0.",
+    "Documents and boundaries: mile-preprocess writes each document as [BOS] text [EOD] (EOD = the "
+    "tokenizer's EOS) and Megatron packs them into fixed-length sequences; the paper presets set "
+    "--eod-mask-loss, so the position holding EOD (which would predict the next document's BOS) "
+    "carries no loss while predicting EOD itself is trained. The reference code prefixes each "
+    "document with id 0, appends no EOS and masks labels equal to 0.",
     "Entropy is exact (no clamp of probabilities to [1e-8, 1]; the clamp biases H upward by at "
     "most V x 1.84e-7 nats).",
     "alpha: --mile-alpha global (default) normalises by the token-weighted mean weight over all "
