@@ -528,9 +528,32 @@ def _parse_megatron_args(megatron_argv: list[str], cpu: bool) -> argparse.Namesp
         raise UsageError(f"Megatron rejected the arguments: {error}") from error
 
 
+def print_help() -> None:
+    """Help for every flag: ours and Megatron's (some Megatron help texts hold a bare '%', which argparse's
+    formatter rejects; those are escaped here)."""
+    from megatron.training.arguments import add_megatron_arguments
+
+    parser = argparse.ArgumentParser(prog="mile-pretrain", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    ours = parser.add_argument_group("mile-pretrain")
+    ours.add_argument("--preset", choices=PRESET_NAMES, help="paper recipe (flags inserted before yours)")
+    ours.add_argument("--cpu", action="store_true", help="CPU mode: gloo, local layers (or MILE_MEGATRON_CPU=1)")
+    _add_entry_point_arguments(add_megatron_arguments(parser))
+    for action in parser._actions:
+        if action.help:
+            try:
+                action.help % dict(vars(action), prog=parser.prog)
+            except (ValueError, TypeError, KeyError):
+                action.help = action.help.replace("%", "%%")
+    parser.print_help()
+
+
 def run(argv: Sequence[str]) -> None:
     from mile_megatron import cpu_mode
 
+    if any(item in ("-h", "--help") for item in argv):
+        print_help()
+        return
     preset, cpu_flag, user_argv = _split_entry_point_flags(argv)
     cpu = cpu_flag or cpu_mode.cpu_mode_requested()
     if cpu:

@@ -221,3 +221,13 @@ def test_presets_carry_the_paper_configurations():
     assert len(PAPER_DIFFERENCES) >= 5
     with pytest.raises(ValueError, match="choose one of"):
         preset_flags("7b")
+
+
+def test_help_lists_our_flags_and_megatrons(capsys):
+    from mile_megatron.pretrain_gpt import main
+
+    main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--loss", "--mile-gamma", "--mile-sigma", "--mile-alpha", "--mile-loss-log", "--preset", "--cpu",
+                 "--tensor-model-parallel-size", "--moe-paged-stash-buffer-size-factor-cuda"):
+        assert flag in text, flag
