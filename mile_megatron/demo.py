@@ -4,10 +4,13 @@
       -> SentencePiece tokenizer (mile-train-tokenizer)
       -> per-domain Megatron indexed datasets + blend files (mile-preprocess)
       -> 2-process TP=2 pretraining of the tiny preset with MiLe (mile-pretrain on Megatron's own loop, CPU mode)
-      -> checkpoint, per-domain validation loss, loss curves (PNG) and a summary (JSON)
+      -> checkpoint, per-domain validation loss, loss curves (PNG)
+      -> Hugging Face LLaMA model (mile-convert-hf --verify: logit parity with the Megatron model)
+      -> a short greedy generation and per-domain validation perplexity (mile-eval perplexity), summary (JSON)
 
-Everything is written under --output-dir; nothing is downloaded. Exit status is nonzero if any stage fails or
-the training cross-entropy does not fall by --min-ce-drop nats.
+Everything is written under --output-dir; nothing is downloaded. Exit status is nonzero if any stage fails, the
+converted model's logits differ from Megatron's by more than 1e-4, or the training cross-entropy does not fall by
+--min-ce-drop nats.
 """
 
 from __future__ import annotations
@@ -158,6 +161,21 @@ def _plot(curves: dict[int, dict[str, float]], validation: dict[str, float], pat
     plt.close(figure)
 
 
+def _generate(hf_dir: Path, prompt: str, new_tokens: int = 24) -> tuple[str, int]:
+    """Greedy continuation of `prompt` by the converted model (BOS prepended, as in training)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id)
+    generated = output[0, ids.shape[1]:]
+    return tokenizer.decode(generated, skip_special_tokens=True), int(generated.numel())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     out = Path(args.output_dir).resolve()
@@ -167,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     from mile_megatron.data import preprocess, train_tokenizer
     from mile_megatron.data.synthetic import write_pile_like_corpus
 
-    start = _stage("1/4 corpus: Pile-format shards from Python's documentation text")
+    start = _stage("1/6 corpus: Pile-format shards from Python's documentation text")
     corpus = write_pile_like_corpus(out / "corpus", train_shards=3, documents_per_shard=args.documents_per_shard,
                                     valid_documents=88, seed=0)
     train_files = [str(p) for p in corpus.train_files]
     print(f"  {len(train_files)} train shards + {corpus.val_file.name} in {out / 'corpus'}")
     timings["corpus_s"] = time.perf_counter() - start
 
-    start = _stage("2/4 tokenizer: mile-train-tokenizer")
+    start = _stage("2/6 tokenizer: mile-train-tokenizer")
     prefix = out / "tokenizer" / "spm"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     _run_console(train_tokenizer.main, ["--input", *train_files, "--model-prefix", str(prefix),
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_model = prefix.with_suffix(".model")
     timings["tokenizer_s"] = time.perf_counter() - start
 
-    start = _stage("3/4 data: mile-preprocess -> per-domain Megatron indexed datasets + blend files")
+    start = _stage("3/6 data: mile-preprocess -> per-domain Megatron indexed datasets + blend files")
     data = out / "data"
     _run_console(preprocess.main, ["run", "--train", *train_files, "--valid", str(corpus.val_file),
                                    "--tokenizer-model", str(tokenizer_model), "--output-dir", str(data),
@@ -191,9 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     validation_sets = json.loads((data / "blends" / "validation_sets.json").read_text())
     timings["preprocess_s"] = time.perf_counter() - start
 
-    _stage(f"4/4 pretraining: tiny preset, MiLe, TP=2 on 2 CPU processes, {args.train_iters} iterations")
+    _stage(f"4/6 pretraining: tiny preset, MiLe, TP=2 on 2 CPU processes, {args.train_iters} iterations")
     log_text, timings["train_s"] = _train(out, tokenizer_model, data / "blends", validation_sets,
                                           args.train_iters, args.timeout)
+
+    from mile_megatron.convert import to_hf
+    from mile_megatron.evaluate import cli as evaluate_cli
+
+    start = _stage("5/6 conversion: mile-convert-hf --verify (Megatron TP=2 checkpoint -> Hugging Face LLaMA)")
+    hf_dir = out / "hf"
+    _run_console(to_hf.main, [str(out / "checkpoints"), "--output", str(hf_dir), "--tokenizer-model",
+                              str(tokenizer_model), "--dtype", "fp32", "--verify", "--tolerance", "1e-4"],
+                 "conversion or its logit-parity check")
+    timings["convert_s"] = time.perf_counter() - start
+
+    start = _stage("6/6 the converted model: greedy generation and per-domain perplexity (mile-eval)")
+    prompt = "The for statement"
+    continuation, generated_tokens = _generate(hf_dir, prompt)
+    print(f"  {prompt!r} -> {continuation!r}")
+    _run_console(evaluate_cli.main, ["perplexity", str(hf_dir), "--data", str(data), "--context-length", "64",
+                                     "--eod-mask-loss", "-o", str(out / "perplexity.json")], "mile-eval perplexity")
+    perplexity = json.loads((out / "perplexity.json").read_text())
+    timings["evaluate_s"] = time.perf_counter() - start
 
     curves = _train_curves(out / "loss_log.jsonl")
     validation = {m["name"]: float(m["ce"]) for m in VALIDATION_LINE.finditer(log_text)}
@@ -213,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         "validation_ce_uniform_average": sum(validation.values()) / len(validation) if validation else None,
         "validation_ce_worst_domain": max(validation.items(), key=lambda kv: kv[1]) if validation else None,
         "checkpoint": str(out / "checkpoints"),
+        "hf_model": str(hf_dir),
+        "generation": {"prompt": prompt, "continuation": continuation, "new_tokens": generated_tokens},
+        "perplexity": str(out / "perplexity.json"),
+        "hf_validation_perplexity": perplexity["summary"],
         "plot": str(out / "loss_curves.png"),
         "timings_s": timings,
     }
@@ -227,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  validation CE           uniform average {summary['validation_ce_uniform_average']:.3f} over "
               f"{len(validation)} domains; worst {worst[0]} {worst[1]:.3f}")
     print(f"  checkpoint              {out / 'checkpoints'}")
+    print(f"  Hugging Face model      {hf_dir} (logits verified against Megatron)")
+    print(f"  generation              {prompt!r} -> {continuation!r}")
+    print(f"  perplexity (mile-eval)  uniform average {perplexity['summary']['uniform_perplexity']:.1f}, worst "
+          f"{perplexity['summary']['worst_domain']} {perplexity['summary']['worst_perplexity']:.1f}  "
+          f"({out / 'perplexity.json'})")
     print(f"  plot / summary          {out / 'loss_curves.png'}  {out / 'summary.json'}")
     if first - last < args.min_ce_drop:
         print(f"mile-demo: cross-entropy fell by only {first - last:.3f} nats (< {args.min_ce_drop})", file=sys.stderr)
