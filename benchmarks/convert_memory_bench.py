@@ -1,10 +1,12 @@
 """Peak memory of `mile-convert-hf` as the model grows deeper: it should track one layer, not the model.
 
-For each depth L, a random LLaMA model (hidden H, FFN F, fp32) is written with transformers, turned into a
-Megatron torch_dist checkpoint at TP=2 with `mile-convert-megatron`, and converted back with `mile-convert-hf`
-in a fresh process whose peak RSS (getrusage) is recorded. Prints a table and writes JSON.
+For each depth L, `mile-pretrain --cpu` (Megatron's own training loop, TP=2 on 2 CPU processes) initialises a
+LLaMA model (hidden H, FFN F, fp32), runs one step at learning rate 0 on mock data and saves a torch_dist
+checkpoint: the chunk layout every real training run writes (one chunk per layer and TP rank). The
+checkpoint is then converted with `mile-convert-hf` in a fresh process whose peak RSS (getrusage) is
+recorded. Prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/convert_memory_bench.py [--hidden 1024 --ffn 2816 --layers 2 8 16]
+    .venv/bin/python benchmarks/convert_memory_bench.py [--hidden 1024 --ffn 2816 --layers 6 16]
 
 Memory is meant to be bounded by one layer plus one output shard (safetensors serialises a shard in memory,
 so about twice --max-shard-size): once every model exceeds one shard, peak RSS should stay flat as L grows
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -31,34 +34,36 @@ sys.exit(status)
 """
 
 
-def write_hf_model(directory: Path, layers: int, hidden: int, ffn: int, vocab: int) -> int:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
-                         max_position_embeddings=256, tie_word_embeddings=False, rms_norm_eps=1e-5)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory, max_shard_size="200MB")
-    return sum(p.numel() for p in model.parameters())
+def write_megatron_checkpoint(directory: Path, layers: int, args: argparse.Namespace) -> None:
+    flags = ["--cpu", "--preset", "tiny", "--tensor-model-parallel-size", "2", "--num-layers", str(layers),
+             "--hidden-size", str(args.hidden), "--ffn-hidden-size", str(args.ffn),
+             "--num-attention-heads", str(args.hidden // 64), "--kv-channels", "64",
+             "--tokenizer-type", "NullTokenizer", "--vocab-size", str(args.vocab - 1), "--mock-data",
+             "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
+             "--micro-batch-size", "1", "--global-batch-size", "1", "--eval-iters", "0",
+             "--save", str(directory), "--save-interval", "1"]
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+                          "--nproc-per-node", "2", "-m", "mile_megatron.pretrain_gpt", *flags],
+                         capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise SystemExit(f"mile-pretrain failed for {layers} layers:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
 
 
 def measure(layers: int, args: argparse.Namespace, work: Path) -> dict:
-    hf = work / f"hf_{layers}"
-    parameters = write_hf_model(hf, layers, args.hidden, args.ffn, args.vocab)
     megatron = work / f"megatron_{layers}"
-    subprocess.run([sys.executable, "-m", "mile_megatron.convert.to_megatron", str(hf), "--output", str(megatron),
-                    "--tensor-model-parallel-size", "2"], check=True, capture_output=True, text=True)
+    write_megatron_checkpoint(megatron, layers, args)
     run = subprocess.run([sys.executable, "-c", MEASURE, str(megatron), "--output", str(work / f"back_{layers}"),
-                          "--no-tokenizer", "--dtype", "fp32", "--max-shard-size", args.max_shard_size, "--quiet"],
+                          "--no-tokenizer", "--vocab-size", str(args.vocab), "--dtype", "fp32",
+                          "--max-shard-size", args.max_shard_size, "--quiet"],
                          capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"mile-convert-hf failed for {layers} layers:\n{run.stdout}\n{run.stderr}")
     peak_kb = int(run.stdout.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
-    layer_bytes = 4 * (4 * args.hidden * args.hidden + 3 * args.hidden * args.ffn + 2 * args.hidden)
+    layer_parameters = 4 * args.hidden * args.hidden + 3 * args.hidden * args.ffn + 2 * args.hidden
+    parameters = layers * layer_parameters + 2 * args.vocab * args.hidden + args.hidden
     return {"layers": layers, "parameters": parameters, "model_mb": parameters * 4 / 2**20,
-            "layer_mb": layer_bytes / 2**20, "peak_rss_mb": peak_kb / 1024}
+            "layer_mb": layer_parameters * 4 / 2**20, "peak_rss_mb": peak_kb / 1024}
 
 
 def main(argv: list[str] | None = None) -> int:

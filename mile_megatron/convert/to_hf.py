@@ -6,10 +6,10 @@
 
 CHECKPOINT is a Megatron save directory (converts the iteration in latest_checkpointed_iteration.txt)
 or one iter_NNNNNNN / release directory inside it. Writes config.json, generation_config.json,
-model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json and the tokenizer files. The
-checkpoint is read one transformer layer at a time; peak memory nevertheless still grows with the
-model size (benchmarks/convert_memory_bench.py). The output appears atomically (written to a hidden
-sibling directory, then renamed).
+model-XXXXX-of-YYYYY.safetensors + model.safetensors.index.json and the tokenizer files. Tensors
+are read and converted one transformer layer at a time (memory: one layer plus one output shard for
+checkpoints with Megatron's per-layer chunks; benchmarks/convert_memory_bench.py). The output
+appears atomically (written to a hidden sibling directory, then renamed).
 
 --verify runs the Megatron model (CPU, TP=1, in a subprocess) and the converted model on sample
 tokens and fails (exit 1) when the largest absolute logit difference exceeds --tolerance
