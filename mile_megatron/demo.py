@@ -101,7 +101,8 @@ def _train(out: Path, tokenizer_model: Path, blends: Path, validation: dict, tra
             for line in process.stdout:
                 log.write(line)
                 lines.append(line)
-                if " iteration " in line and "lm loss" in line or "saved checkpoint" in line:
+                training_line = " iteration " in line and "lm loss" in line and "validation" not in line
+                if training_line or "saved checkpoint" in line:
                     print("  " + line.rstrip()[:200], flush=True)
             process.wait(timeout=timeout)
         finally:
