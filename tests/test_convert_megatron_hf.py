@@ -97,6 +97,11 @@ def conversions(tmp_path_factory):
                             "--ckpt-format", "torch", *GQA, *PADDED_VOCAB)),
         "from_hf": (2, flags("--tensor-model-parallel-size", "2", *GQA, *PADDED_VOCAB, "--load", str(megatron_from_hf),
                              "--lr", "0", "--min-lr", "0")),
+        # The same layouts in the other checkpoint format, GQA and vocabulary padding toggled.
+        "tp1_torch": (1, flags("--ckpt-format", "torch")),
+        "tp2_torch": (2, flags("--tensor-model-parallel-size", "2", "--ckpt-format", "torch", *GQA, *PADDED_VOCAB)),
+        "pp2_torch": (2, flags("--pipeline-model-parallel-size", "2", "--ckpt-format", "torch", *GQA, *PADDED_VOCAB)),
+        "tp2pp2_dist": (4, flags("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")),
     }
     # Two launches at a time: one launch's start-up and teardown overlap the other's work.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -119,17 +124,19 @@ def conversions(tmp_path_factory):
 
 
 # -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, fmt, tp, pp, vocab", [
-    ("pp2", "torch_dist", 1, 2, 64), ("tp2pp2", "torch", 2, 2, 61), ("from_hf", "torch_dist", 2, 1, 61)])
-def test_converted_logits_match_megatron(conversions, name, fmt, tp, pp, vocab):
+@pytest.mark.parametrize("name, fmt, tp, pp, vocab, kv_heads, layers", [
+    ("pp2", "torch_dist", 1, 2, 64, 4, 2), ("tp2pp2", "torch", 2, 2, 61, 2, 4), ("from_hf", "torch_dist", 2, 1, 61, 2, 2),
+    ("tp1_torch", "torch", 1, 1, 64, 4, 2), ("tp2_torch", "torch", 2, 1, 61, 2, 2), ("pp2_torch", "torch", 1, 2, 61, 2, 2),
+    ("tp2pp2_dist", "torch_dist", 2, 2, 64, 4, 2)])
+def test_converted_logits_match_megatron(conversions, name, fmt, tp, pp, vocab, kv_heads, layers):
     summary, result = conversions.summaries[name], conversions.results[name]
     assert (summary["format"], summary["tensor_model_parallel_size"], summary["pipeline_model_parallel_size"]) == (
         fmt, tp, pp)
     assert summary["vocab_size"] == vocab and summary["padded_vocab_size"] == 64
     config = json.loads((conversions.converted[name] / "config.json").read_text())
     assert config["vocab_size"] == vocab and config["tie_word_embeddings"] is False
-    assert config["num_key_value_heads"] == (4 if name == "pp2" else 2)
-    assert config["num_hidden_layers"] == (4 if name == "tp2pp2" else 2)
+    assert config["num_key_value_heads"] == kv_heads
+    assert config["num_hidden_layers"] == layers
     print(f"{name}: max |logit difference| {result['max_abs_diff']:.3e} (max |logit| {result['max_abs_logit']:.3f})")
     assert result["ok"] and result["max_abs_diff"] <= TOLERANCE, result
     assert result["max_abs_logit"] > 100 * TOLERANCE  # the comparison is not vacuous
