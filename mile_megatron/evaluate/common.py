@@ -152,18 +152,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write JSON so that ``path`` holds either nothing/the old file or the complete new one."""
+    from mile_megatron.data.fsutil import atomic_write_text
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Serialise first: a payload that cannot be written leaves no file behind.
+    atomic_write_text(target, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
     return target
 
 
