@@ -20,6 +20,10 @@ _EXPORTS = {
     "vocab_parallel_focal_cross_entropy": "vocab_parallel",
     "input_checks": "vocab_parallel",
     "set_input_checks": "vocab_parallel",
+    "loss_backend": "kernels",
+    "set_loss_backend": "kernels",
+    "inplace_backward": "kernels",
+    "set_inplace_backward": "kernels",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,7 +20,8 @@ The weight w (MiLe: (sigma + H)^gamma, focal: (1 - p_y)^gamma with p_y = exp(-CE
 Backward needs no collective: p_j = exp(z_j - M - log1p(S)) is recomputed from the saved logits, and
 d loss_i / d z_ij = g_i * w_i * (p_ij - [j == y_i]) is formed in fp32 (at j = y_i as expm1(-CE), exact when
 p_y ~ 1) and rounded once to the logits' dtype.
-The input logits are never written to.
+The input logits are never written to (unless the opt-in in-place backward of the Triton path is on).
+On CUDA the same computation runs as fused Triton kernels (mile_megatron/kernels: backend choice, in-place option).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import NamedTuple
 import torch
 
 from .parallel import ProcessGroup, all_gather_rows, group_rank, group_size, resolve_tp_group
+from .kernels import use_triton
 
 # Rows are processed in chunks of at most this many logits so fp32 temporaries stay bounded (64 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 24
@@ -220,7 +222,10 @@ def weighted_vocab_parallel_cross_entropy(
 ) -> tuple[TokenLosses, torch.Tensor]:
     """Shared implementation: per-token losses and the (detached) weights w; `kind` in ("mile", "focal", "ce")."""
     group = resolve_tp_group(tp_group)
-    loss, ce, entropy, weight = _WeightedVocabParallelCrossEntropy.apply(
+    function = _WeightedVocabParallelCrossEntropy
+    if use_triton(vocab_parallel_logits):  # same contract, fused kernels (mile_megatron/kernels)
+        from .kernels.triton_loss import TritonWeightedVocabParallelCrossEntropy as function
+    loss, ce, entropy, weight = function.apply(
         vocab_parallel_logits, target.long(), kind, float(gamma), float(sigma), group
     )
     return TokenLosses(loss, ce, entropy), weight
