@@ -1,7 +1,8 @@
 """Process-group helpers: Megatron's groups when Megatron is initialised, plain torch.distributed otherwise.
 
 `None` as a group means "no parallelism" everywhere in this package (size 1, rank 0, collectives are no-ops),
-so single-process code never needs torch.distributed to be initialised.
+so single-process code never needs torch.distributed to be initialised. The loss entry points resolve a `None`
+argument to Megatron's group when Megatron is initialised; NO_GROUP means "no parallelism" even then.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import sys
 import torch
 import torch.distributed as dist
 
-ProcessGroup = dist.ProcessGroup | None
+
+
+class _NoGroup:
+    """Explicitly no parallelism (size 1, rank 0), also when Megatron's parallel state is initialised."""
+
+    def __repr__(self) -> str:
+        return "NO_GROUP"
+
+
+NO_GROUP = _NoGroup()
+ProcessGroup = dist.ProcessGroup | _NoGroup | None
 
 
 def _initialized_parallel_state():
@@ -27,7 +38,9 @@ def _initialized_parallel_state():
 
 
 def resolve_tp_group(tp_group: ProcessGroup) -> ProcessGroup:
-    """The given tensor-parallel group, else Megatron's, else None (no tensor parallelism)."""
+    """The given tensor-parallel group, else Megatron's, else None (no tensor parallelism); NO_GROUP -> None."""
+    if tp_group is NO_GROUP:
+        return None
     if tp_group is not None:
         return tp_group
     state = _initialized_parallel_state()
@@ -38,8 +51,10 @@ def resolve_dp_group(dp_group: ProcessGroup) -> ProcessGroup:
     """The given data-parallel group, else Megatron's (context-parallel ranks included), else None.
 
     Context-parallel ranks hold different tokens of the same sequences, so a mean over "all counted tokens"
-    runs over data-parallel x context-parallel ranks.
+    runs over data-parallel x context-parallel ranks. NO_GROUP -> None.
     """
+    if dp_group is NO_GROUP:
+        return None
     if dp_group is not None:
         return dp_group
     state = _initialized_parallel_state()
@@ -47,13 +62,13 @@ def resolve_dp_group(dp_group: ProcessGroup) -> ProcessGroup:
 
 
 def group_size(group: ProcessGroup) -> int:
-    if group is None or not dist.is_initialized():
+    if group is None or group is NO_GROUP or not dist.is_initialized():
         return 1
     return dist.get_world_size(group)
 
 
 def group_rank(group: ProcessGroup) -> int:
-    if group is None or not dist.is_initialized():
+    if group is None or group is NO_GROUP or not dist.is_initialized():
         return 0
     return dist.get_rank(group)
 
