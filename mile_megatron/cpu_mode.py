@@ -249,6 +249,9 @@ def activate() -> None:
     global _mode
     if _mode is not None:
         return
+    # A parent process that imported DeepSpeed may have exported PYTORCH_NVML_BASED_CUDA_CHECK=1; NVML's
+    # answer can claim a GPU that cannot be used. Ask the CUDA driver itself.
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
     if torch.cuda.is_available() and os.environ.get(_TEST_ALLOW_CUDA_ENV_VAR) != "1":
         raise CpuModeError(
             "CPU mode (--cpu / MILE_MEGATRON_CPU=1) was requested but CUDA is available on this "

@@ -21,6 +21,12 @@ Test-only environment variables (never set them in real runs):
       iteration K to NaN, to check that Megatron's NaN checks stop the run.
   MILE_MEGATRON_TEST_HOLD_ITERATION=K  after logging the first micro-batch of training iteration K,
       the process waits until it is killed (the kill-and-relaunch test kills a worker there).
+  MILE_MEGATRON_TEST_DUMP_DIR=DIR  every rank holding logits saves its first training micro-batch to
+      DIR/rank{R}.pt (R = global rank) once the backward pass has reached the logits: tokens, labels,
+      loss_mask, this rank's vocab-parallel logits, loss_sum, num_tokens, alpha (the report entry
+      [alpha x tokens, tokens]), logits_grad (d loss_sum / d logits, the gradient Megatron
+      back-propagates) and the TP / DP ranks and sizes (tests/test_cross_engine.py compares them with
+      the Hugging Face model).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ LOSS_CHOICES = ("ce", "focal", "mile")
 ALPHA_CHOICES = ("global", "official", "none")
 NONFINITE_TEST_ENV_VAR = "MILE_MEGATRON_TEST_NONFINITE_ITERATION"
 HOLD_TEST_ENV_VAR = "MILE_MEGATRON_TEST_HOLD_ITERATION"
+DUMP_TEST_ENV_VAR = "MILE_MEGATRON_TEST_DUMP_DIR"
 
 # Peak dense bf16 tensor-core TFLOP/s per device, for MFU (matched against the device name).
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -142,7 +149,12 @@ def build_megatron_argv(user_argv: Sequence[str], preset: str | None, cpu: bool)
     if cpu:
         argv += list(cpu_mode.CPU_MEGATRON_FLAGS)
     elif not _transformer_engine_available():
-        argv += ["--transformer-impl", "local"]
+        # Megatron's GPU defaults assume fused kernels from TE / apex; without them, turn those fusions off.
+        argv += ["--transformer-impl", "local", "--no-rope-fusion"]
+        if not _have_module("fused_weight_gradient_mlp_cuda"):
+            argv += ["--no-gradient-accumulation-fusion"]
+        if not _have_module("scaled_masked_softmax_cuda"):
+            argv += ["--no-masked-softmax-fusion"]
     if preset is not None:
         argv += preset_flags(preset)
     argv += ["--calculate-per-token-loss"]
@@ -435,6 +447,47 @@ def _hold_if_requested(model: Any, args: argparse.Namespace) -> None:
             time.sleep(3600)
 
 
+_dumped = False
+
+
+def _dumping_loss_func(loss_func: Any, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                       model: Any) -> Any:
+    """Test-only (DUMP_TEST_ENV_VAR): wrap the first training micro-batch's loss_func to save its inputs,
+    outputs and, from a hook on the logits, their gradient (the file is written when the hook fires)."""
+    global _dumped
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
+
+    directory = os.environ.get(DUMP_TEST_ENV_VAR)
+    if (not directory or _dumped or (model is not None and not model.training)
+            or not get_attr_wrapped_model(model, "post_process")):
+        return loss_func
+    _dumped = True
+
+    def dump(output_tensor: torch.Tensor) -> Any:
+        loss_sum, num_tokens, report = loss_func(output_tensor)
+        record = {
+            "tokens": tokens.detach().cpu(), "labels": labels.detach().cpu(), "loss_mask": loss_mask.detach().cpu(),
+            "logits": output_tensor.detach().cpu().clone(), "loss_sum": loss_sum.detach().cpu().clone(),
+            "num_tokens": num_tokens.detach().cpu(), "alpha": report["alpha"].detach().cpu(),
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "dp_rank": parallel_state.get_data_parallel_rank(),
+            "dp_size": parallel_state.get_data_parallel_world_size(),
+        }
+
+        def save_gradient(grad: torch.Tensor) -> None:
+            record["logits_grad"] = grad.detach().cpu().clone()
+            os.makedirs(directory, exist_ok=True)
+            torch.save(record, os.path.join(directory, f"rank{torch.distributed.get_rank()}.pt"))
+
+        output_tensor.register_hook(save_gradient)
+        return loss_sum, num_tokens, report
+
+    return dump
+
+
 def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False):
     """Megatron forward_step_func: logits from the model, loss from logits_loss_func."""
     from megatron.core.utils import get_attr_wrapped_model
@@ -448,7 +501,10 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
     timers("batch-generator").stop()
     logits = model(tokens, position_ids, attention_mask, labels=None)
-    return logits, partial(logits_loss_func, labels, loss_mask, model=model)
+    loss_func = partial(logits_loss_func, labels, loss_mask, model=model)
+    if os.environ.get(DUMP_TEST_ENV_VAR):
+        loss_func = _dumping_loss_func(loss_func, tokens, labels, loss_mask, model)
+    return logits, loss_func
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,8 +62,9 @@ def tiny_flags(data_prefix: Path, *extra: str, train_iters: int = 8) -> list[str
 
 def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("MILE_MEGATRON_CPU", "MILE_MEGATRON_TEST_NONFINITE_ITERATION",
-                "MILE_MEGATRON_TEST_HOLD_ITERATION", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+    for key in ("MILE_MEGATRON_CPU", "MILE_MEGATRON_TEST_NONFINITE_ITERATION", "MILE_MEGATRON_TEST_HOLD_ITERATION",
+                "MILE_MEGATRON_TEST_DUMP_DIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                "PYTORCH_NVML_BASED_CUDA_CHECK"):  # the last one is exported by DeepSpeed's import
         env.pop(key, None)
     env.update({
         "GLOO_SOCKET_IFNAME": "lo",

@@ -231,3 +231,21 @@ def test_help_lists_our_flags_and_megatrons(capsys):
     for flag in ("--loss", "--mile-gamma", "--mile-sigma", "--mile-alpha", "--mile-loss-log", "--preset", "--cpu",
                  "--tensor-model-parallel-size", "--moe-paged-stash-buffer-size-factor-cuda"):
         assert flag in text, flag
+
+
+def test_gpu_without_transformer_engine_turns_off_the_fusions_that_need_it(monkeypatch):
+    """On a GPU without TransformerEngine/apex, Megatron's default rope, masked-softmax and gradient-accumulation
+    fusions need kernels that are missing; the entry point turns them off and Megatron's parser knows the flags."""
+    from megatron.training.arguments import parse_args
+
+    from mile_megatron import pretrain_gpt
+
+    monkeypatch.setattr(pretrain_gpt, "_transformer_engine_available", lambda: False)
+    monkeypatch.setattr(pretrain_gpt, "_have_module", lambda name: False)  # no apex / Megatron C++ kernels
+    argv = pretrain_gpt.build_megatron_argv(["--micro-batch-size", "2"], "tiny", cpu=False)
+    for flag in ("--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion"):
+        assert flag in argv, flag
+    monkeypatch.setattr(sys, "argv", ["mile-pretrain", *argv])
+    args = parse_args(pretrain_gpt._add_entry_point_arguments)
+    assert args.transformer_impl == "local" and not args.apply_rope_fusion
+    assert not args.gradient_accumulation_fusion and not args.masked_softmax_fusion
