@@ -250,13 +250,22 @@ def _is_dataset_built_on_rank(vp_stage: int | None = None) -> bool:
     return is_first_or_last_pipeline_stage(vp_stage) and parallel_state.get_tensor_model_parallel_rank() == 0
 
 
-def _dataset_config(args: argparse.Namespace) -> Any:
+def gpt_dataset_config(args: argparse.Namespace, tokenizer: Any = None, create_attention_mask: bool | None = None) -> Any:
+    """megatron-core's GPTDatasetConfig from Megatron arguments (also used by the DeepSpeed entry's data adapter).
+
+    tokenizer None: Megatron's global tokenizer; create_attention_mask None: --create-attention-mask-in-dataloader.
+    """
     import dataclasses
 
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-    from megatron.training import get_tokenizer
     from megatron.training.utils import get_blend_and_blend_per_split
 
+    if tokenizer is None:
+        from megatron.training import get_tokenizer
+
+        tokenizer = get_tokenizer()
+    if create_attention_mask is None:
+        create_attention_mask = args.create_attention_mask_in_dataloader
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     values = {
         "random_seed": args.seed,
@@ -269,11 +278,11 @@ def _dataset_config(args: argparse.Namespace) -> Any:
         "num_dataset_builder_threads": args.num_dataset_builder_threads,
         "path_to_cache": args.data_cache_path,
         "mmap_bin_files": args.mmap_bin_files,
-        "tokenizer": get_tokenizer(),
+        "tokenizer": tokenizer,
         "reset_position_ids": args.reset_position_ids,
         "reset_attention_mask": args.reset_attention_mask,
         "eod_mask_loss": args.eod_mask_loss,
-        "create_attention_mask": args.create_attention_mask_in_dataloader,
+        "create_attention_mask": create_attention_mask,
         "mid_level_dataset_surplus": args.mid_level_dataset_surplus,
         "allow_ambiguous_pad_tokens": getattr(args, "allow_ambiguous_pad_tokens", False),
     }
@@ -292,7 +301,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int], vp
     print_rank_0("> building train, validation, and test datasets for GPT ...")
     datasets = BlendedMegatronDatasetBuilder(
         dataset_type, train_val_test_num_samples, partial(_is_dataset_built_on_rank, vp_stage=vp_stage),
-        _dataset_config(args),
+        gpt_dataset_config(args),
     ).build()
     print_rank_0("> finished creating GPT datasets ...")
     return datasets

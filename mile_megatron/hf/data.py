@@ -120,39 +120,17 @@ def _check_prefixes(blend: Any, what: str) -> None:
 
 
 def gpt_dataset_config(args: argparse.Namespace, tokenizer: Any) -> Any:
-    """GPTDatasetConfig from Megatron arguments, field for field as mile-pretrain's _dataset_config, with an
-    explicit tokenizer instead of Megatron's global one (attention masks are not built: HF models make their
-    own causal mask)."""
-    import dataclasses
-
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+    """mile-pretrain's GPTDatasetConfig (the same fields, so both engines build identical datasets) with an explicit
+    tokenizer and no attention masks (HF models make their own causal mask); missing dataset files are named."""
     from megatron.training.utils import get_blend_and_blend_per_split
+
+    from mile_megatron.pretrain_gpt import gpt_dataset_config as megatron_gpt_dataset_config
 
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     _check_prefixes(blend, "--data-path / --data-args-path")
     for name, split_blend in zip(("train", "valid", "test"), blend_per_split or ()):
         _check_prefixes(split_blend, f"per-split data ({name})")
-    values = {
-        "random_seed": args.seed,
-        "sequence_length": args.seq_length,
-        "blend": blend,
-        "blend_per_split": blend_per_split,
-        "split": args.split,
-        "multiple_validation_sets": args.multiple_validation_sets,
-        "full_validation": args.full_validation,
-        "num_dataset_builder_threads": args.num_dataset_builder_threads,
-        "path_to_cache": args.data_cache_path,
-        "mmap_bin_files": args.mmap_bin_files,
-        "tokenizer": tokenizer,
-        "reset_position_ids": args.reset_position_ids,
-        "reset_attention_mask": args.reset_attention_mask,
-        "eod_mask_loss": args.eod_mask_loss,
-        "create_attention_mask": False,
-        "mid_level_dataset_surplus": args.mid_level_dataset_surplus,
-        "allow_ambiguous_pad_tokens": getattr(args, "allow_ambiguous_pad_tokens", False),
-    }
-    known = {field.name for field in dataclasses.fields(GPTDatasetConfig) if field.init}
-    return GPTDatasetConfig(**{key: value for key, value in values.items() if key in known})
+    return megatron_gpt_dataset_config(args, tokenizer, create_attention_mask=False)
 
 
 def _as_list(value: str | Sequence[str]) -> list[str]:
