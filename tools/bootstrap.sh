@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment in .venv with the pinned versions.
-#   tools/bootstrap.sh            -> .venv with the package (editable) + test, demo, hf and eval extras
+#   tools/bootstrap.sh            -> .venv with the package (editable) + test, demo, hf, eval and deepspeed extras
 #   EXTRAS=test VENV=/path ...    -> choose extras / location
 # Needs Python >= 3.12 (megatron-core >= 0.17 ships megatron.training only for 3.12+).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 venv="${VENV:-$root/.venv}"
-extras="${EXTRAS:-test,demo,hf,eval}"
+extras="${EXTRAS:-test,demo,hf,eval,deepspeed}"
 
 find_python() {
     local candidate
