@@ -18,24 +18,7 @@
 set -euo pipefail
 
 prog="examples/pretrain.sh"
-die() { echo "$prog: error: $*" >&2; exit 1; }
-
-# --- helpers ----------------------------------------------------------------------------------
-need_var() {  # need_var NAME HINT: NAME must be set and non-empty
-    [[ -n "${!1:-}" ]] || die "$1 is not set: $2"
-}
-need_uint() {  # need_uint NAME MIN: NAME must be an integer >= MIN
-    [[ "${!1}" =~ ^[0-9]+$ ]] && (( 10#${!1} >= $2 )) || die "$1='${!1}' must be an integer >= $2"
-}
-need_file() {  # need_file NAME: the file named by variable NAME must exist
-    [[ -f "${!1}" ]] || die "$1='${!1}' does not exist (or is not a file)"
-}
-one_of() {  # one_of NAME VALUE...: NAME's value must be one of VALUE...
-    local name="$1" value="${!1}"; shift
-    local allowed
-    for allowed in "$@"; do [[ "$value" == "$allowed" ]] && return 0; done
-    die "$name='$value' is not one of: $*"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/checks.sh"
 
 # --- variables --------------------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"
@@ -69,22 +52,7 @@ else
 fi
 [[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
 
-# Data: exactly one source.
-sources=0
-[[ -n "${DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
-[[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
-[[ "$MOCK_DATA" == 1 ]] && sources=$((sources + 1))
-(( sources == 1 )) || die "set exactly one of DATA_ARGS_PATH (blend file from mile-preprocess), PER_SPLIT_DATA_ARGS_PATH (per-split JSON) or MOCK_DATA=1 (found $sources)"
-data_args=()
-if [[ -n "${DATA_ARGS_PATH:-}" ]]; then
-    need_file DATA_ARGS_PATH
-    data_args=(--data-args-path "$DATA_ARGS_PATH")
-elif [[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]]; then
-    need_file PER_SPLIT_DATA_ARGS_PATH
-    data_args=(--per-split-data-args-path "$PER_SPLIT_DATA_ARGS_PATH")
-else
-    data_args=(--mock-data)
-fi
+select_data_source
 
 tokenizer_args=(--tokenizer-type "$TOKENIZER_TYPE")
 if [[ "$TOKENIZER_TYPE" == NullTokenizer ]]; then
@@ -100,8 +68,7 @@ else
 fi
 
 need_var CHECKPOINT_DIR "set the checkpoint directory (used for --save and --load)"
-checkpoint_parent="$(dirname "$CHECKPOINT_DIR")"
-[[ -d "$checkpoint_parent" ]] || die "CHECKPOINT_DIR='$CHECKPOINT_DIR': parent directory '$checkpoint_parent' does not exist"
+parent_exists CHECKPOINT_DIR
 
 optional_args=()
 if [[ -n "${TENSORBOARD_DIR:-}" ]]; then
@@ -118,45 +85,7 @@ fi
 extra_args=()
 [[ -z "${EXTRA_ARGS:-}" ]] || read -r -a extra_args <<< "$EXTRA_ARGS"
 
-# Every prefix named in the data file must have its .bin and .idx (Megatron would only find out
-# after start-up on every node). Mirrors Megatron's blend format: an odd-length list is all
-# prefixes, an even-length one alternates weight, prefix. URLs (object storage) are not checked.
-if [[ "$MOCK_DATA" == 0 ]]; then
-    "$PYTHON" - "${DATA_ARGS_PATH:-}" "${PER_SPLIT_DATA_ARGS_PATH:-}" <<'PY' || exit 1
-import json, os, sys
-
-blend_path, per_split_path = sys.argv[1], sys.argv[2]
-
-def prefixes(tokens):
-    return tokens if len(tokens) % 2 else tokens[1::2]
-
-if blend_path:
-    variable, path = "DATA_ARGS_PATH", blend_path
-    with open(path) as f:
-        lists = {"blend": f.read().split()}
-else:
-    variable, path = "PER_SPLIT_DATA_ARGS_PATH", per_split_path
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except json.JSONDecodeError as e:
-        sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' is not valid JSON: {e}")
-    missing = [s for s in ("train", "valid", "test") if s not in spec]
-    if not isinstance(spec, dict) or missing:
-        sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' needs keys train, valid, test (missing {missing})")
-    lists = {s: (v.split() if isinstance(v, str) else list(v or [])) for s, v in spec.items()}
-if not any(lists.values()):
-    sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' names no dataset")
-for split, tokens in lists.items():
-    for prefix in prefixes(tokens):
-        if "://" in prefix:
-            continue
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                sys.exit(f"examples/pretrain.sh: error: {variable}='{path}' ({split}) names dataset "
-                         f"'{prefix}', but '{prefix}{suffix}' does not exist")
-PY
-fi
+check_datasets_exist
 
 "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("mile_megatron") is None)' \
     || die "mile_megatron is not importable with PYTHON='$PYTHON'; activate the project's venv (tools/bootstrap.sh) or set PYTHON"

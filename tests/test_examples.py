@@ -92,7 +92,7 @@ def flag_value(command: list[str], flag: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def test_every_script_passes_bash_syntax_check_and_is_executable():
     scripts = all_scripts()
-    assert len(scripts) == 1 + 4 * 3 + 5, [str(p) for p in scripts]  # Megatron: 1 + 4 per loss; DeepSpeed: 5
+    assert len(scripts) == 1 + 1 + 4 * 3 + 5, [str(p) for p in scripts]  # checks.sh; Megatron: 1 + 4 per loss; DeepSpeed: 5
     for script in scripts:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, f"{script}: {result.stderr}"

@@ -20,27 +20,7 @@
 set -euo pipefail
 
 prog="examples/deepspeed/pretrain_ds.sh"
-die() { echo "$prog: error: $*" >&2; exit 1; }
-
-need_var() {  # need_var NAME HINT: NAME must be set and non-empty
-    [[ -n "${!1:-}" ]] || die "$1 is not set: $2"
-}
-need_uint() {  # need_uint NAME MIN: NAME must be an integer >= MIN
-    [[ "${!1}" =~ ^[0-9]+$ ]] && (( 10#${!1} >= $2 )) || die "$1='${!1}' must be an integer >= $2"
-}
-need_file() {  # need_file NAME: the file named by variable NAME must exist
-    [[ -f "${!1}" ]] || die "$1='${!1}' does not exist (or is not a file)"
-}
-one_of() {  # one_of NAME VALUE...: NAME's value must be one of VALUE...
-    local name="$1" value="${!1}"; shift
-    local allowed
-    for allowed in "$@"; do [[ "$value" == "$allowed" ]] && return 0; done
-    die "$name='$value' is not one of: $*"
-}
-parent_exists() {  # parent_exists NAME: the parent directory of the path in NAME must exist
-    local parent; parent="$(dirname "${!1}")"
-    [[ -d "$parent" ]] || die "$1='${!1}': parent directory '$parent' does not exist"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/../checks.sh"
 
 # --- variables --------------------------------------------------------------------------------
 PYTHON="${PYTHON:-python3}"
@@ -89,21 +69,7 @@ else
 fi
 [[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
 
-# Data: exactly one source.
-sources=0
-[[ -n "${DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
-[[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]] && sources=$((sources + 1))
-[[ "$MOCK_DATA" == 1 ]] && sources=$((sources + 1))
-(( sources == 1 )) || die "set exactly one of DATA_ARGS_PATH (blend file from mile-preprocess), PER_SPLIT_DATA_ARGS_PATH (per-split JSON) or MOCK_DATA=1 (found $sources)"
-if [[ -n "${DATA_ARGS_PATH:-}" ]]; then
-    need_file DATA_ARGS_PATH
-    data_args=(--data-args-path "$DATA_ARGS_PATH")
-elif [[ -n "${PER_SPLIT_DATA_ARGS_PATH:-}" ]]; then
-    need_file PER_SPLIT_DATA_ARGS_PATH
-    data_args=(--per-split-data-args-path "$PER_SPLIT_DATA_ARGS_PATH")
-else
-    data_args=(--mock-data)
-fi
+select_data_source
 
 # Tokenizer: exactly one of TOKENIZER_MODEL, HF_TOKENIZER, VOCAB_SIZE.
 tokenizers=0
@@ -147,40 +113,7 @@ fi
 extra_args=()
 [[ -z "${EXTRA_ARGS:-}" ]] || read -r -a extra_args <<< "$EXTRA_ARGS"
 
-# Every prefix named in the data file must have its .bin and .idx (odd-length lists are all prefixes,
-# even-length ones alternate weight, prefix; URLs are not checked).
-if [[ "$MOCK_DATA" == 0 ]]; then
-    "$PYTHON" - "${DATA_ARGS_PATH:-}" "${PER_SPLIT_DATA_ARGS_PATH:-}" <<'PY' || exit 1
-import json, os, sys
-
-prog = "examples/deepspeed/pretrain_ds.sh"
-blend_path, per_split_path = sys.argv[1], sys.argv[2]
-if blend_path:
-    variable, path = "DATA_ARGS_PATH", blend_path
-    with open(path) as f:
-        lists = {"blend": f.read().split()}
-else:
-    variable, path = "PER_SPLIT_DATA_ARGS_PATH", per_split_path
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-    except json.JSONDecodeError as e:
-        sys.exit(f"{prog}: error: {variable}='{path}' is not valid JSON: {e}")
-    if not isinstance(spec, dict) or any(s not in spec for s in ("train", "valid", "test")):
-        sys.exit(f"{prog}: error: {variable}='{path}' needs keys train, valid, test")
-    lists = {s: (v.split() if isinstance(v, str) else list(v or [])) for s, v in spec.items()}
-if not any(lists.values()):
-    sys.exit(f"{prog}: error: {variable}='{path}' names no dataset")
-for split, tokens in lists.items():
-    for prefix in (tokens if len(tokens) % 2 else tokens[1::2]):
-        if "://" in prefix:
-            continue
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                sys.exit(f"{prog}: error: {variable}='{path}' ({split}) names dataset '{prefix}', but "
-                         f"'{prefix}{suffix}' does not exist")
-PY
-fi
+check_datasets_exist
 
 "$PYTHON" -c 'import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in ("mile_megatron", "deepspeed", "transformers")))' \
     || die "mile_megatron, deepspeed and transformers must be importable with PYTHON='$PYTHON'; install the project with its deepspeed extra (tools/bootstrap.sh) or set PYTHON"
