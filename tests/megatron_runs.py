@@ -78,9 +78,25 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun_command(nproc: int, flags: list[str]) -> list[str]:
+def torchrun_command(nproc: int, flags: list[str], module: str = "mile_megatron.pretrain_gpt") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "mile_megatron.pretrain_gpt", *flags]
+            "-m", module, *flags]
+
+
+def run_torchrun(name: str, nproc: int, flags: list[str], *, module: str = "mile_megatron.pretrain_gpt",
+                 env: dict[str, str] | None = None, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, str]:
+    """Run `module` under torchrun to completion: (exit status, combined output); on timeout the whole process
+    group is killed and AssertionError carries the output's tail."""
+    process = subprocess.Popen(torchrun_command(nproc, flags, module), cwd=REPO, env=launch_env(env),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        output, _ = process.communicate()
+        raise AssertionError(f"run {name!r} timed out after {timeout} s; output tail:\n{output[-12000:]}")
+    return process.returncode, output
 
 
 def read_records(path: Path) -> list[dict]:
@@ -133,16 +149,8 @@ def launch(workdir: Path, name: str, nproc: int, flags: list[str], *, env: dict[
     all_flags = list(flags) + ["--mile-loss-log", str(log_path)]
     if save_dir is not None and "--save" not in flags:
         all_flags += ["--save", str(save_dir)]
-    process = subprocess.Popen(torchrun_command(nproc, all_flags), cwd=REPO, env=launch_env(env),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        output, _ = process.communicate()
-        raise AssertionError(f"run {name!r} timed out after {timeout} s; output tail:\n{output[-12000:]}")
-    run = Run(name, process.returncode, output, log_path, save_dir, read_records(log_path))
+    returncode, output = run_torchrun(name, nproc, all_flags, env=env, timeout=timeout)
+    run = Run(name, returncode, output, log_path, save_dir, read_records(log_path))
     if expect_success and run.returncode != 0:
         raise AssertionError(run.describe())
     return run

@@ -17,14 +17,12 @@ the Megatron presets' architectures (same flags back through mile_megatron.conve
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_runs import REPO, TINY_FLAGS, _kill_group, launch, launch_env, read_records, write_pattern_dataset
+from megatron_runs import TINY_FLAGS, launch, read_records, run_torchrun, write_pattern_dataset
 
 from mile_megatron.convert import to_hf, to_megatron
 from mile_megatron.hf import data
@@ -34,9 +32,6 @@ from mile_megatron.hf.models import build_model, llama_config
 RTOL = 1e-5
 VOCAB, SEQ = 64, 32
 LAUNCH_TIMEOUT_S = 300
-# DeepSpeed's import sets PYTORCH_NVML_BASED_CUDA_CHECK=1 in this process (transformers / megatron import it);
-# inherited by a CPU-mode Megatron run, torch.cuda.is_available() turns true and torch.compile touches CUDA.
-LAUNCH_ENV = {"PYTORCH_NVML_BASED_CUDA_CHECK": "0"}
 MEGATRON_STEP = ("--train-iters", "1", "--eval-iters", "0", "--lr-warmup-iters", "0", "--save-interval", "1",
                  "--tensor-model-parallel-size", "2")
 
@@ -61,7 +56,7 @@ def _to_megatron(source: Path, output: Path) -> Path:
 def _megatron(workdir: Path, name: str, data_prefix: Path, load: Path, *extra: str):
     flags = [*TINY_FLAGS, "--data-path", str(data_prefix), *MEGATRON_STEP, "--load", str(load), *extra]
     return launch(workdir, name, 2, flags, save=True, timeout=LAUNCH_TIMEOUT_S,
-                  env={**LAUNCH_ENV, "MILE_MEGATRON_TEST_DUMP_DIR": str(workdir / f"{name}_dump")})
+                  env={"MILE_MEGATRON_TEST_DUMP_DIR": str(workdir / f"{name}_dump")})
 
 
 def _deepspeed(workdir: Path, data_prefix: Path, hf_init: Path) -> str:
@@ -71,18 +66,10 @@ def _deepspeed(workdir: Path, data_prefix: Path, hf_init: Path) -> str:
              "--lr-warmup-iters", "0", "--seed", "1234", "--zero-stage", "2", "--log-interval", "1",
              "--save", str(workdir / "ds_ckpt"), "--export-hf", str(workdir / "ds_export"),
              "--loss-log", str(workdir / "ds.jsonl"), "--data-cache-path", str(workdir / "ds_cache")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               "-m", "mile_megatron.hf.pretrain_ds", *flags]
-    env = launch_env({**LAUNCH_ENV, "MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "ds_dump")})
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        output, _ = process.communicate()
-        raise AssertionError(f"mile-pretrain-ds timed out; output tail:\n{output[-12000:]}")
-    assert process.returncode == 0, f"mile-pretrain-ds exited {process.returncode}; output tail:\n{output[-12000:]}"
+    returncode, output = run_torchrun("mile-pretrain-ds", 1, flags, module="mile_megatron.hf.pretrain_ds",
+                                      env={"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "ds_dump")},
+                                      timeout=LAUNCH_TIMEOUT_S)
+    assert returncode == 0, f"mile-pretrain-ds exited {returncode}; output tail:\n{output[-12000:]}"
     return output
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_runs import REPO, _kill_group, launch_env, read_records, write_pattern_dataset
+from megatron_runs import REPO, read_records, run_torchrun, write_pattern_dataset
 
 from mile_megatron.reference import RefBatch, mile_loss_reference
 
@@ -73,19 +73,11 @@ class DsRun:
 def launch(root: Path, name: str, nproc: int, flags: list[str]) -> DsRun:
     workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "mile_megatron.hf.pretrain_ds", *flags, "--loss-log", str(workdir / "loss.jsonl"),
-               "--data-cache-path", str(workdir / "cache")]
-    env = launch_env({"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "dump")})
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _kill_group(process)
-        output, _ = process.communicate()
-        raise AssertionError(f"run {name!r} timed out after {LAUNCH_TIMEOUT_S} s; output tail:\n{output[-12000:]}")
-    run = DsRun(name, workdir, process.returncode, output)
+    flags = [*flags, "--loss-log", str(workdir / "loss.jsonl"), "--data-cache-path", str(workdir / "cache")]
+    returncode, output = run_torchrun(name, nproc, flags, module="mile_megatron.hf.pretrain_ds",
+                                      env={"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "dump")},
+                                      timeout=LAUNCH_TIMEOUT_S)
+    run = DsRun(name, workdir, returncode, output)
     if run.returncode != 0:
         raise AssertionError(run.describe())
     return run
