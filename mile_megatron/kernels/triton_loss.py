@@ -263,13 +263,18 @@ def merge(gathered: torch.Tensor, rows: int, kind: str, gamma: float, sigma: flo
 
 def gradient(layout: RowLayout, target: torch.Tensor, saved: torch.Tensor, upstream: torch.Tensor, first_col: int,
              out: torch.Tensor | None) -> torch.Tensor:
-    """g * w * (p - onehot) in the logits' dtype, into `out` (laid out like the logits) or a new contiguous tensor."""
+    """g * w * (p - onehot) in the logits' dtype, into `out` (laid out like the logits) or a new tensor: laid out
+    like the logits when they are dense (a [b, s, V] view of [s, b, V] logits gets an [s, b, V]-ordered gradient,
+    so the layer before needs no copy), else contiguous."""
     logits = layout.tensor
     if out is None:
-        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        grad_outer, grad_inner, grad_col = layout.inner * layout.width, layout.width, 1
-    else:
+        out = torch.empty_like(logits)
+        if out.stride() != logits.stride():  # not dense (e.g. a slice): contiguous rows instead
+            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.stride() == logits.stride():
         grad_outer, grad_inner, grad_col = layout.stride_outer, layout.stride_inner, layout.stride_col
+    else:
+        grad_outer, grad_inner, grad_col = layout.inner * layout.width, layout.width, 1
     tile_rows, block, warps = _tile(layout.rows, layout.width, BACKWARD_BLOCK)
     grid = (triton.cdiv(layout.rows, tile_rows) * triton.cdiv(layout.width, block),)
     with _device_guard(logits):
