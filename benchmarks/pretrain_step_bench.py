@@ -9,10 +9,10 @@ Each variant is one run of the real entry point (mile_megatron.pretrain_gpt unde
 mock data with a 32000-entry NullTokenizer vocabulary, --train-iters steps, logging every step. Variants:
   mile               mile-pretrain --loss mile (this project's loss; backend auto = the Triton kernels on CUDA)
   ce                 mile-pretrain --loss ce (the same code with w = 1)
-  megatron-ce        Megatron's own cross-entropy: GPTModel gets the labels and computes
+  megatron-ce        Megatron's own cross-entropy: Megatron's GPTModel gets the labels and computes
                      vocab_parallel_cross_entropy itself, as in Megatron's own GPT training script. mile-pretrain
-                     has no flag for this (it always calls the model without labels and computes the loss from
-                     the logits), so this benchmark swaps in such a forward step inside the same entry point.
+                     has no flag for this (its model returns the logits and the loss is computed from them), so
+                     this benchmark swaps in that model and forward step inside the same entry point.
   megatron-fused-ce  the same with --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
   mile-torch         --loss mile with MILE_MEGATRON_LOSS_BACKEND=torch (the exact torch path)
   paper-eager-mile   the paper's formula in eager torch (benchmarks/loss_bench.py: paper_mile_terms) in place of
@@ -136,6 +136,9 @@ def run_worker(variant_name: str, flags: list[str]) -> int:
     from mile_megatron import pretrain_gpt
 
     if variant_name in ("megatron-ce", "megatron-fused-ce"):
+        from megatron.core.models.gpt import GPTModel
+
+        pretrain_gpt.gpt_model_class = lambda: GPTModel  # Megatron's own model: labels -> its cross-entropy
         pretrain_gpt.forward_step = megatron_ce_forward_step
     elif variant_name in ("paper-eager-mile", "compile-mile"):
         loss_module.mile_loss_with_stats = paper_mile_stats_function(compiled=variant_name == "compile-mile")

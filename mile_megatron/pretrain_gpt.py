@@ -5,9 +5,9 @@
                   [--mile-loss-log PATH] [--peak-tflops-per-device T] <any Megatron flag>...
 
 Runs megatron.training's own `pretrain` loop (0.19 call sequence: parse_and_validate_args ->
-pretrain_cfg_container_from_args -> pretrain) on a LLaMA-architecture GPTModel. The model is
-called with labels=None and returns vocab-parallel logits [b, s, V_pad/tp]; the loss comes from
-mile_loss_with_stats. Megatron's --calculate-per-token-loss is always on: each micro-batch returns
+pretrain_cfg_container_from_args -> pretrain) on a LLaMA-architecture GPTModel. The model
+returns its vocab-parallel logits [b, s, V_pad/tp] (a view of the output layer's [s, b, V_pad/tp], in
+the model's dtype: no copy) and the loss comes from mile_loss_with_stats. Megatron's --calculate-per-token-loss is always on: each micro-batch returns
 sum(alpha * w * CE * mask) and sum(mask), and Megatron divides the summed gradients by the number
 of tokens in the global batch.
 
@@ -32,6 +32,7 @@ Test-only environment variables (never set them in real runs):
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -202,10 +203,23 @@ def check_supported(args: argparse.Namespace, cpu: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Model.
+@functools.cache
+def gpt_model_class() -> type:
+    """GPTModel whose "language-model loss" is the logits: given labels, forward returns the output layer's
+    vocab-parallel logits [s, b, V_pad/tp] as a [b, s, V_pad/tp] view (no copy; GPTModel's labels=None path
+    copies them into [b, s] order), and logits_loss_func computes the loss from them."""
+    from megatron.core.models.gpt import GPTModel
+
+    class LogitsGPTModel(GPTModel):
+        def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            return logits.transpose(0, 1)
+
+    return LogitsGPTModel
+
+
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                    config: Any = None, pg_collection: Any = None) -> torch.nn.Module:
-    """A LLaMA-architecture GPTModel returning vocab-parallel logits (called with labels=None)."""
-    from megatron.core.models.gpt import GPTModel
+    """A LLaMA-architecture GPTModel (gpt_model_class) returning vocab-parallel logits."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -223,7 +237,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     kwargs: dict[str, Any] = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return GPTModel(
+    return gpt_model_class()(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=args.padded_vocab_size,
@@ -384,7 +398,7 @@ def _inject_nonfinite(logits: torch.Tensor, model: Any, args: argparse.Namespace
     if args.curr_iteration + 1 != int(target):
         return logits
     corrupted = logits.clone()
-    corrupted.view(-1)[0] = float("nan")
+    corrupted[(0,) * corrupted.dim()] = float("nan")
     return corrupted
 
 
@@ -500,7 +514,7 @@ def _dumping_loss_func(loss_func: Any, tokens: torch.Tensor, labels: torch.Tenso
 def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False):
     """Megatron forward_step_func: logits from the model, loss from logits_loss_func."""
     from megatron.core.utils import get_attr_wrapped_model
-    from megatron.training import get_timers
+    from megatron.training import get_args, get_timers
 
     if return_schedule_plan:
         raise UsageError("MoE schedule plans (--overlap-moe-expert-parallel-comm) are not supported")
@@ -509,7 +523,11 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
     timers("batch-generator").stop()
-    logits = model(tokens, position_ids, attention_mask, labels=None)
+    # Logits as a [b, s, V_pad/tp] view, in the model's dtype (Float16Module, present with --bf16 / --fp16, would
+    # otherwise return an fp32 copy; the loss computes in fp32 internally and rounds the gradient once).
+    args = get_args()
+    half_output = {"fp32_output": False} if args.fp16 or args.bf16 else {}
+    logits = model(tokens, position_ids, attention_mask, labels=labels, **half_output)
     loss_func = partial(logits_loss_func, labels, loss_mask, model=model)
     if os.environ.get(DUMP_TEST_ENV_VAR):
         loss_func = _dumping_loss_func(loss_func, tokens, labels, loss_mask, model)

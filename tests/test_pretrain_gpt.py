@@ -33,7 +33,8 @@ def run_specs(data: Path) -> dict[str, tuple[int, list[str], dict]]:
                                  train_iters=TRAIN_ITERS), {}),
         "pp2": (2, tiny_flags(data, "--pipeline-model-parallel-size", "2", train_iters=TRAIN_ITERS), {}),
         "dp2_bf16": (2, tiny_flags(data, "--bf16", *RECOMPUTE, "--use-distributed-optimizer",
-                                   train_iters=TRAIN_ITERS), {}),
+                                   train_iters=TRAIN_ITERS),
+                     {"env": {"MILE_MEGATRON_TEST_DUMP_DIR": str(data.parent / "dp2_bf16_dump")}}),
         "tp1": (1, tiny_flags(data, train_iters=TRAIN_ITERS), {}),
         "gamma0": (1, tiny_flags(data, "--loss", "mile", "--mile-gamma", "0", train_iters=NAN_AT + 1), {}),
         # Plain CE; a NaN is injected at iteration NAN_AT, which Megatron's checks must catch.
@@ -48,6 +49,7 @@ NEEDS = {
     "test_tensor_and_pipeline_parallel_run_converges": ["tp2pp2"],
     "test_pipeline_parallel_run_converges": ["pp2"],
     "test_data_parallel_bf16_recompute_distributed_optimizer_run_converges": ["dp2_bf16"],
+    "test_bf16_loss_reads_the_output_layers_logits_without_a_copy": ["dp2_bf16"],
     "test_tp1_and_tp2_give_the_same_losses": ["tp2", "tp1"],
     "test_mile_with_gamma_zero_equals_cross_entropy": ["gamma0", "ce_nan"],
     "test_non_finite_loss_is_caught_by_megatron": ["ce_nan"],
@@ -115,6 +117,25 @@ def test_data_parallel_bf16_recompute_distributed_optimizer_run_converges(runs):
     run = runs.get("dp2_bf16")
     assert {r["dp_rank"] for r in run.records} == {0, 1}
     assert_converges(run)
+
+
+def test_bf16_loss_reads_the_output_layers_logits_without_a_copy(runs):
+    """With --bf16 the loss gets the output layer's bf16 [s, b, V] logits as a [b, s, V] view (no fp32 upcast, no
+    transposing copy), its gradient is bf16, and loss_sum equals the float64 reference on those logits."""
+    import torch
+
+    from mile_megatron import reference as ref
+
+    runs.get("dp2_bf16")
+    record = torch.load(runs.workdir / "dp2_bf16_dump" / "rank0.pt")
+    logits, labels, mask = record["logits"], record["labels"], record["loss_mask"].double()
+    micro_batch, seq, vocab = logits.shape
+    assert logits.dtype == torch.bfloat16 and record["logits_grad"].dtype == torch.bfloat16
+    assert logits.stride() == (vocab, micro_batch * vocab, 1), logits.stride()  # [s, b, V] memory order
+    tokens = ref.token_losses(logits.double(), labels)
+    alpha = float(record["alpha"][0] / record["alpha"][1])
+    expected = alpha * float((tokens.weight * tokens.ce * mask).sum())
+    assert math.isclose(float(record["loss_sum"]), expected, rel_tol=1e-5), (float(record["loss_sum"]), expected)
 
 
 def test_tensor_and_pipeline_parallel_run_converges(runs):
