@@ -24,6 +24,34 @@ parent_exists() {  # parent_exists NAME: the parent directory of the path in NAM
     [[ -d "$parent" ]] || die "$1='${!1}': parent directory '$parent' does not exist"
 }
 
+# check_torchrun_nodes: NNODES > 1 needs NODE_RANK < NNODES, MASTER_ADDR and MASTER_PORT (torchrun's static
+# rendezvous); one node has NODE_RANK 0. Then torchrun_launcher sets `launcher` (--standalone on one node without
+# MASTER_PORT).
+check_torchrun_nodes() {
+    if (( NNODES > 1 )); then
+        need_var NODE_RANK "set this node's rank (0 .. NNODES-1) when NNODES=$NNODES"
+        need_uint NODE_RANK 0
+        (( 10#$NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
+        need_var MASTER_ADDR "set the address of the node with NODE_RANK=0 when NNODES=$NNODES"
+        need_var MASTER_PORT "set a free TCP port on MASTER_ADDR when NNODES=$NNODES"
+    else
+        NODE_RANK="${NODE_RANK:-0}"
+        [[ "$NODE_RANK" == 0 ]] || die "NODE_RANK=$NODE_RANK but NNODES=1; set NNODES for a multi-node run"
+    fi
+}
+check_master_port() {  # MASTER_PORT, when set, is a TCP port
+    [[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
+}
+torchrun_launcher() {
+    launcher=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE")
+    if (( NNODES == 1 )) && [[ -z "${MASTER_PORT:-}" ]]; then
+        launcher+=(--standalone --nnodes 1)
+    else
+        launcher+=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
+                   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "$MASTER_PORT")
+    fi
+}
+
 # select_data_source: exactly one of DATA_ARGS_PATH, PER_SPLIT_DATA_ARGS_PATH, MOCK_DATA=1; sets data_args.
 select_data_source() {
     local sources=0

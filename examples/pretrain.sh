@@ -40,17 +40,8 @@ one_of DRY_RUN 0 1
 need_var GPUS_PER_NODE "set the number of processes (GPUs) per node, e.g. GPUS_PER_NODE=8"
 need_uint GPUS_PER_NODE 1
 need_uint NNODES 1
-if (( NNODES > 1 )); then
-    need_var NODE_RANK "set this node's rank (0 .. NNODES-1) when NNODES=$NNODES"
-    need_uint NODE_RANK 0
-    (( 10#$NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
-    need_var MASTER_ADDR "set the address of the node with NODE_RANK=0 when NNODES=$NNODES"
-    need_var MASTER_PORT "set a free TCP port on MASTER_ADDR when NNODES=$NNODES"
-else
-    NODE_RANK="${NODE_RANK:-0}"
-    [[ "$NODE_RANK" == 0 ]] || die "NODE_RANK=$NODE_RANK but NNODES=1; set NNODES for a multi-node run"
-fi
-[[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
+check_torchrun_nodes
+check_master_port
 
 select_data_source
 
@@ -91,13 +82,7 @@ check_datasets_exist
     || die "mile_megatron is not importable with PYTHON='$PYTHON'; activate the project's venv (tools/bootstrap.sh) or set PYTHON"
 
 # --- command ----------------------------------------------------------------------------------
-launcher=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE")
-if (( NNODES == 1 )) && [[ -z "${MASTER_PORT:-}" ]]; then
-    launcher+=(--standalone --nnodes 1)
-else
-    launcher+=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
-               --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "$MASTER_PORT")
-fi
+torchrun_launcher
 
 command=("${launcher[@]}" -m mile_megatron.pretrain_gpt
          "${optional_args[@]}"

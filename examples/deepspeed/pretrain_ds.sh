@@ -57,17 +57,10 @@ if [[ "$LAUNCHER" == deepspeed ]]; then
         die "HOSTFILE is not set: the deepspeed launcher starts NNODES=$NNODES nodes from a hostfile ('host slots=N' lines); or use LAUNCHER=torchrun on every node"
     fi
     NODE_RANK="${NODE_RANK:-0}"
-elif (( NNODES > 1 )); then
-    need_var NODE_RANK "set this node's rank (0 .. NNODES-1) when NNODES=$NNODES"
-    need_uint NODE_RANK 0
-    (( 10#$NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be < NNODES=$NNODES"
-    need_var MASTER_ADDR "set the address of the node with NODE_RANK=0 when NNODES=$NNODES"
-    need_var MASTER_PORT "set a free TCP port on MASTER_ADDR when NNODES=$NNODES"
 else
-    NODE_RANK="${NODE_RANK:-0}"
-    [[ "$NODE_RANK" == 0 ]] || die "NODE_RANK=$NODE_RANK but NNODES=1; set NNODES for a multi-node run"
+    check_torchrun_nodes
 fi
-[[ -z "${MASTER_PORT:-}" ]] || { need_uint MASTER_PORT 1; (( 10#$MASTER_PORT <= 65535 )) || die "MASTER_PORT=$MASTER_PORT is not a TCP port"; }
+check_master_port
 
 select_data_source
 
@@ -131,13 +124,7 @@ if [[ "$LAUNCHER" == deepspeed ]]; then
     launcher+=(--module)
     what="deepspeed launcher${HOSTFILE:+, hostfile $HOSTFILE}"
 else
-    launcher=("$PYTHON" -m torch.distributed.run --nproc-per-node "$GPUS_PER_NODE")
-    if (( NNODES == 1 )) && [[ -z "${MASTER_PORT:-}" ]]; then
-        launcher+=(--standalone --nnodes 1)
-    else
-        launcher+=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
-                   --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "$MASTER_PORT")
-    fi
+    torchrun_launcher
     launcher+=(-m)
     what="torchrun, node $NODE_RANK of $NNODES"
 fi
