@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -66,7 +65,8 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Arguments.
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
     value = float(text)
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
@@ -78,9 +78,9 @@ def add_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group = parser.add_argument_group("MiLe loss")
     group.add_argument("--loss", choices=LOSS_CHOICES, default="mile",
                        help="training loss: MiLe (entropy-weighted CE), focal, or plain CE")
-    group.add_argument("--mile-gamma", type=_non_negative_float, default=1.0,
+    group.add_argument("--mile-gamma", type=non_negative_float, default=1.0,
                        help="exponent gamma of the loss weight (MiLe: (sigma+H)^gamma; focal: (1-p)^gamma)")
-    group.add_argument("--mile-sigma", type=_non_negative_float, default=1.0,
+    group.add_argument("--mile-sigma", type=non_negative_float, default=1.0,
                        help="MiLe weight offset sigma in (sigma + H)^gamma")
     group.add_argument("--mile-alpha", choices=ALPHA_CHOICES, default="global",
                        help="weight normalisation: global (token-weighted over DP), official (paper code), none")
@@ -378,13 +378,10 @@ class _LossLog:
     def write(self, path: str, split: str, iteration: int, record: dict[str, Any]) -> None:
         if self._position != (split, iteration):
             self._position, self._microbatch = (split, iteration), 0
-        line = json.dumps({"split": split, "iteration": iteration, "microbatch": self._microbatch, **record})
+        from mile_megatron.data.fsutil import append_json_line
+
+        append_json_line(path, {"split": split, "iteration": iteration, "microbatch": self._microbatch, **record})
         self._microbatch += 1
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(descriptor, (line + "\n").encode())
-        finally:
-            os.close(descriptor)
 
 
 _loss_log = _LossLog()

@@ -79,10 +79,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mile_megatron.data.fsutil import append_json_line
 from mile_megatron.presets import PRESET_NAMES
+from mile_megatron.pretrain_gpt import ALPHA_CHOICES, LOSS_CHOICES, non_negative_float
 
-LOSS_CHOICES = ("ce", "focal", "mile")
-ALPHA_CHOICES = ("global", "official", "none")
 ZERO_STAGES = (0, 1, 2, 3)
 CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 EXPORT_MARKER = "mile_export.json"
@@ -128,13 +128,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mile-pretrain-ds", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
@@ -171,14 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--global-batch-size", type=_positive_int,
                           help="sequences per optimizer step = micro batch x accumulation x data-parallel size")
     training.add_argument("--train-iters", type=_positive_int, help="optimizer steps")
-    training.add_argument("--lr", type=_non_negative_float)
-    training.add_argument("--min-lr", type=_non_negative_float)
+    training.add_argument("--lr", type=non_negative_float)
+    training.add_argument("--min-lr", type=non_negative_float)
     training.add_argument("--lr-warmup-iters", type=_non_negative_int)
-    training.add_argument("--weight-decay", type=_non_negative_float)
+    training.add_argument("--weight-decay", type=non_negative_float)
     training.add_argument("--adam-beta1", type=float)
     training.add_argument("--adam-beta2", type=float)
     training.add_argument("--adam-eps", type=float)
-    training.add_argument("--clip-grad", type=_non_negative_float, help="global gradient-norm clip (0: off)")
+    training.add_argument("--clip-grad", type=non_negative_float, help="global gradient-norm clip (0: off)")
     training.add_argument("--seed", type=int)
 
     engine = parser.add_argument_group("DeepSpeed")
@@ -209,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     loss = parser.add_argument_group("MiLe loss")
     loss.add_argument("--loss", choices=LOSS_CHOICES, default="mile",
                       help="training loss: MiLe (entropy-weighted CE), focal, or plain CE")
-    loss.add_argument("--mile-gamma", type=_non_negative_float, default=1.0,
+    loss.add_argument("--mile-gamma", type=non_negative_float, default=1.0,
                       help="exponent gamma of the loss weight (MiLe: (sigma+H)^gamma; focal: (1-p)^gamma)")
-    loss.add_argument("--mile-sigma", type=_non_negative_float, default=1.0, help="MiLe weight offset sigma")
+    loss.add_argument("--mile-sigma", type=non_negative_float, default=1.0, help="MiLe weight offset sigma")
     loss.add_argument("--mile-alpha", choices=ALPHA_CHOICES, default="global",
                       help="weight normalisation: global (token-weighted over DP), official (paper code), none")
     parser.set_defaults(precision=None)
@@ -676,14 +669,6 @@ def _print0(text: str) -> None:
         print(text, flush=True)
 
 
-def _append_json(path: str, record: dict[str, Any]) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(descriptor, (json.dumps(record) + "\n").encode())
-    finally:
-        os.close(descriptor)
-
-
 class _Dump:
     """Test-only records (MILE_MEGATRON_TEST_DS_DUMP_DIR); inactive unless the variable is set."""
 
@@ -855,7 +840,7 @@ def train(args: argparse.Namespace) -> None:
                 "step_seconds": seconds, "tokens_per_second": args.global_batch_size * args.seq_length / seconds,
             }
             if rank == 0 and args.loss_log:
-                _append_json(args.loss_log, record)
+                append_json_line(args.loss_log, record)
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 _print0(f"[mile-pretrain-ds] iteration {iteration}/{args.train_iters} | consumed samples "
                         f"{consumed_samples} | lr {lr:.3E} | ce {record['ce']:.6f} | loss {record['loss']:.6f} | "
