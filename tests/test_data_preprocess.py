@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -167,7 +168,7 @@ def test_damaged_zst_fails_only_its_shard(corpus, model, reference, tmp_path, mo
     data = tmp_path / "corpus"
     shutil.copytree(corpus.root, data)
     damaged = data / "train" / "00.jsonl.zst"
-    damage_zst(damaged, mode, 0.6)
+    at = damage_zst(damaged, mode, 0.6)
     out = tmp_path / "out"
     args = ["run", "--train", str(data / "train" / "*"), "--valid", str(data / "val.jsonl.zst"),
             "--tokenizer-model", str(model), "--output-dir", str(out), "--workers", "0",
@@ -175,6 +176,13 @@ def test_damaged_zst_fails_only_its_shard(corpus, model, reference, tmp_path, mo
     code, stdout, stderr = run_cli(*args)
     assert code == 1, stdout + stderr
     assert str(damaged) in stderr and "compressed byte offset" in stderr
+    if mode == "corrupt":  # a stretch around the damage (a block, or a frame for a checksum
+        where = re.search(r"\bcompressed bytes (\d+)\.\.(\d+)", stderr)  # error), not the file
+        assert where, stderr
+        start, end, size = int(where[1]), int(where[2]), damaged.stat().st_size
+        assert start <= at + 32 and at <= end <= size and end - start < 0.6 * size, stderr
+    else:
+        assert f"compressed byte offset {damaged.stat().st_size}" in stderr, stderr
     _assert_nothing_looks_complete(out, "train/00")
     assert not list((out / "shards").rglob(".*partial*"))
     for kept in ("train/01", "train/02", "valid/val"):

@@ -1,20 +1,30 @@
 """The Pile's 22 domains, the MiLe paper's sampling weights, and filesystem-safe domain names.
 
-Output prefixes are derived from the domain string found in each document
-(``meta.pile_set_name`` by default) with :func:`safe_domain_name`:
+Output prefixes (``datasets/<split>/<name>.bin|.idx``, blend files, validation set names) come
+from the domain string found in each document (``meta.pile_set_name`` by default) through
+:func:`safe_domain_name`, a pure, injective function of that string, so every shard, run and
+machine names a domain alike and two different domains never share an output (nothing is
+merged or overwritten, whichever shards they appear in):
 
-* every run of characters outside ``[A-Za-z0-9._-]`` becomes one ``_``;
-* leading/trailing ``_`` and ``.`` are stripped; the result is cut to 100 characters;
-* an empty result becomes ``domain``.
+* the Pile's 22 domains keep their historical names: every run of characters outside
+  ``[A-Za-z0-9._-]`` becomes ``_``, leading/trailing ``_``/``.`` are dropped
+  (``"Wikipedia (en)" -> "Wikipedia_en"``, ``"Gutenberg (PG-19)" -> "Gutenberg_PG-19"``,
+  ``"DM Mathematics" -> "DM_Mathematics"``, ``"Pile-CC" -> "Pile-CC"``);
+* any other domain that is already such a name (at most 100 characters of ``[A-Za-z0-9._-]``,
+  not starting or ending with ``_``/``.``) is used as it is, unless it is one of those 22 output
+  names or ends like a hashed name (``--`` + 12 hex digits);
+* every other domain gets that sanitised name, cut to 86 characters, plus ``--`` and the first
+  12 hex digits of the BLAKE2b hash of its UTF-8 bytes: ``"Foo Bar" -> "Foo_Bar--<hash>"``,
+  while ``"Foo_Bar" -> "Foo_Bar"``.
 
-The mapping is a pure function of the domain string, so it is stable across runs and machines:
-``"Wikipedia (en)" -> "Wikipedia_en"``, ``"Gutenberg (PG-19)" -> "Gutenberg_PG-19"``,
-``"DM Mathematics" -> "DM_Mathematics"``, ``"Pile-CC" -> "Pile-CC"``. Two different domain strings
-that map to the same safe name are rejected (:class:`DomainNameCollision`).
+The three groups cannot produce the same name, and hashed names differ unless two domains'
+48-bit hashes collide; that (astronomically unlikely) case is still detected
+(:class:`DomainNameCollision`) and fails the shard or the merge instead of losing data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 # Raw weights from the paper's data mix (sum ~1.6998); normalise before use.
@@ -46,16 +56,35 @@ PILE_DOMAINS: tuple[str, ...] = tuple(PILE_DOMAIN_WEIGHTS)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 100
+_HASH_DIGITS = 12
+_HASHED = re.compile(r"--[0-9a-f]{%d}$" % _HASH_DIGITS)
 
 
 class DomainNameCollision(ValueError):
-    """Two different domain strings map to the same filesystem-safe name."""
+    """Two different domain strings map to the same output name (a 48-bit hash collision)."""
+
+
+def sanitize_domain_name(domain: str, limit: int = _MAX_NAME) -> str:
+    """Runs of characters outside ``[A-Za-z0-9._-]`` -> ``_``, edges stripped, at most ``limit``."""
+    name = _UNSAFE.sub("_", domain).strip("_.")[:limit].strip("_.")
+    return name or "domain"
+
+
+_PILE_NAMES: dict[str, str] = {domain: sanitize_domain_name(domain) for domain in PILE_DOMAINS}
+_RESERVED = frozenset(_PILE_NAMES.values())
 
 
 def safe_domain_name(domain: str) -> str:
-    """Filesystem-safe, stable output name for a domain string (see module docstring)."""
-    name = _UNSAFE.sub("_", domain).strip("_.")[:_MAX_NAME].strip("_.")
-    return name or "domain"
+    """Filesystem-safe, stable, injective output name of a domain string (module docstring)."""
+    name = _PILE_NAMES.get(domain)
+    if name is not None:
+        return name
+    if (sanitize_domain_name(domain) == domain and domain not in _RESERVED
+            and not _HASHED.search(domain)):
+        return domain
+    digest = hashlib.blake2b(domain.encode("utf-8", "surrogatepass"),
+                             digest_size=_HASH_DIGITS // 2).hexdigest()
+    return f"{sanitize_domain_name(domain, _MAX_NAME - 2 - _HASH_DIGITS)}--{digest}"
 
 
 def natural_key(text: str) -> tuple:
@@ -65,7 +94,7 @@ def natural_key(text: str) -> tuple:
 
 
 class SafeNameRegistry:
-    """Remembers domain -> safe name and rejects two domains sharing one safe name."""
+    """Remembers domain -> output name and rejects two domains sharing one (hash collision)."""
 
     def __init__(self) -> None:
         self._by_safe: dict[str, str] = {}
@@ -75,6 +104,7 @@ class SafeNameRegistry:
         other = self._by_safe.setdefault(safe, domain)
         if other != domain:
             raise DomainNameCollision(
-                f"domains {other!r} and {domain!r} both map to the output name {safe!r}; "
-                "rename one of them in the input (or preprocess them in separate output dirs)")
+                f"domains {other!r} and {domain!r} both map to the output name {safe!r} (a hash "
+                "collision); rename one of them in the input (or preprocess them in separate "
+                "output dirs)")
         return safe

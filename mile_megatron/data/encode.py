@@ -15,12 +15,20 @@ worker count (determinism) and memory is bounded (backpressure):
 
 plus the per-shard index of ~12 bytes per document written (e.g. ~85 MB for a 7M-document
 Pile shard). Nothing else depends on the input file size.
-Workers are started with the ``spawn`` method and import neither torch nor megatron.
+Workers are started with the ``spawn`` method and import neither torch nor megatron. They exit
+when the main process dies, even by ``kill -9`` (:func:`_exit_with_parent`), and so does
+multiprocessing's resource tracker, which ends once the last worker is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -120,10 +128,40 @@ class ChunkEncoder:
 
 
 _ENCODER: ChunkEncoder | None = None
+PARENT_POLL_SECONDS = 1.0
 
 
-def _init_worker(settings: EncodeSettings) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """Make this worker end when the process that started it dies, even by ``kill -9``.
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, delivered by the kernel when the parent (strictly:
+    the parent's thread that started this process, the pool owner's thread) exits. Everywhere, as
+    a fallback: a daemon thread that exits when ``os.getppid()`` changes (checked every
+    PARENT_POLL_SECONDS). Without this, workers block forever on the task queue, whose pipe
+    they hold both ends of, and keep multiprocessing's resource tracker alive too (it exits when
+    the last holder of its pipe is gone)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(settings: EncodeSettings, parent_pid: int | None = None) -> None:
     global _ENCODER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     _ENCODER = ChunkEncoder(settings)
 
 
@@ -140,7 +178,7 @@ class EncoderPool:
         self._inline = ChunkEncoder(settings) if workers == 0 else None
         self._executor = None if workers == 0 else ProcessPoolExecutor(
             max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(settings,))
+            initializer=_init_worker, initargs=(settings, os.getpid()))
 
     def submit(self, chunk: Chunk) -> Future:
         if self._executor is not None:

@@ -7,9 +7,16 @@ on the worker count. Every source must share the tokenizer fingerprint, BOS/EOD 
 keys (checked from each ``shard.json``); a shard id seen twice must come from the same input
 (same size and checksum) and is used once.
 
+Output names are recorded per domain in every ``shard.json`` (:func:`.domains.safe_domain_name`,
+a pure injective function, so machines agree); before anything is written the merge checks that
+each domain has one output name and each name one domain in every split (shards written under
+an older naming rule are refused rather than merged into one file).
+
 Results go to ``OUT/datasets/<split>/<Domain>.bin|.idx`` (built under a partial name and renamed
-into place), then ``OUT/blends/*`` and ``OUT/summary.json`` / ``OUT/summary.txt``.
-Memory: Megatron's index writer holds ~50 bytes per document of the largest merged domain.
+into place), then ``OUT/blends/*`` and ``OUT/summary.json`` / ``OUT/summary.txt``; each merged
+dataset's documents and tokens are checked against the shard records.
+Memory: the index writer holds 12 bytes per document of the largest merged domain (20 while
+writing its ``.idx``).
 """
 
 from __future__ import annotations
@@ -67,6 +74,40 @@ def collect_shards(sources: list[Path]) -> list[tuple[dict, Path]]:
     return [found[key] for key in sorted(found, key=lambda k: (SPLITS.index(k[0]), natural_key(k[1])))]
 
 
+def check_output_names(shards: list[tuple[dict, Path]]) -> None:
+    """Per split, each domain has one output name and each output name one domain, and every
+    shard holds the files its record lists; raised before anything is written."""
+    for split in SPLITS:
+        names: dict[str, dict[str, Path]] = {}     # domain -> output name -> a shard directory
+        domains: dict[str, dict[str, Path]] = {}   # output name -> domain -> a shard directory
+        for record, directory in shards:
+            if record["split"] != split:
+                continue
+            for domain, stats in record["domains"].items():
+                name = stats["safe_name"]
+                names.setdefault(domain, {}).setdefault(name, directory)
+                domains.setdefault(name, {}).setdefault(domain, directory)
+                for suffix in (".bin", ".idx"):
+                    if not (directory / f"{name}{suffix}").is_file():
+                        raise MergeError(f"{directory / (name + suffix)} is missing although "
+                                         f"{directory / 'shard.json'} lists it; delete {directory} "
+                                         "and rerun that shard")
+        for domain, seen in names.items():
+            if len(seen) > 1:
+                where = ", ".join(f"{n!r} in {d}" for n, d in sorted(seen.items()))
+                raise MergeError(
+                    f"{split} domain {domain!r} has different output names ({where}): the shards "
+                    "were written by mile-preprocess versions with different naming rules; delete "
+                    "the older shard directories and rerun them")
+        for name, seen in domains.items():
+            if len(seen) > 1:
+                where = ", ".join(f"{d!r} in {p}" for d, p in sorted(seen.items()))
+                raise MergeError(
+                    f"{split} domains {where} share the output name {name!r}, so one would "
+                    "overwrite the other; these shards predate the injective naming rule: delete "
+                    "them and rerun them")
+
+
 def _diff(a: dict, b: dict) -> str:
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return "differs in " + ", ".join(keys)
@@ -94,7 +135,11 @@ def merge_datasets(shards: list[tuple[dict, Path]], out: Path) -> Path:
                 tokens = documents = 0
                 for record, directory in members:
                     if domain in record["domains"]:
-                        builder.add_index(str(directory / name))
+                        try:
+                            builder.add_index(directory / name)
+                        except ValueError as error:
+                            raise MergeError(f"{error}; delete {directory} and rerun that "
+                                             "shard") from None
                         tokens += record["domains"][domain]["tokens"]
                         documents += record["domains"][domain]["documents"]
                 builder.finalize(str(partial / split / f"{name}.idx"))
@@ -119,6 +164,7 @@ def merge_outputs(sources: list[Path], out: Path, weights: str = "paper",
         missing = sorted(f"{s}/{i}" for s, i in select - {(r["split"], r["shard_id"]) for r, _ in shards})
         if missing:
             raise MergeError("shards not complete: " + ", ".join(missing))
+    check_output_names(shards)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json", "summary.txt"):

@@ -11,9 +11,12 @@ shard, then merged into ``OUT/datasets/<split>/<Domain>`` with blend files in ``
     mile-preprocess summary data/pile
 
 Exit status: 0 success, 1 some shard failed (completed shards are kept; rerun to finish),
-2 bad arguments or settings (nothing was processed), 130 interrupted.
-See the tokenizer module for the BOS/EOD policy, encode for the memory bound, shards for the
-on-disk layout and atomicity, blends for the blend file formats.
+2 bad arguments or settings (nothing was processed; e.g. an --output-dir that is a file or lies
+below one), 130 interrupted.
+See the tokenizer module for the BOS/EOD policy, encode for the memory bound and worker
+lifetime, domains for the (injective) output names, sources for damaged inputs, shards for the
+on-disk layout and atomicity, indexed for the dataset format, blends for the blend file formats.
+Neither torch nor megatron is imported by this command or its workers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .blends import WEIGHT_KINDS
-from .domains import natural_key
+from .domains import DomainNameCollision, natural_key
 from .encode import EncodeSettings, EncoderPool
 from .fsutil import OutputDirLock, read_json, remove_tree
 from .merge import MergeError, merge_outputs
@@ -72,6 +75,32 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
             if path.resolve() not in {p.resolve() for p in paths}:
                 paths.append(path)
     return paths
+
+
+def check_output_dir(text: str) -> Path:
+    """An --output-dir that is, or can become, a writable directory (nothing is created here)."""
+    out = Path(text)
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--output-dir {text} is a dangling symbolic link")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {text} is an existing file, not a directory; choose "
+                         "another path")
+    ancestor = out.absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--output-dir {text} lies below {ancestor}, which is a file, not a "
+                         "directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {text}: {ancestor} is not writable")
+    return out
+
+
+def make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--output-dir {out}: cannot create it ({error.strerror or error})") from None
 
 
 def default_workers() -> int:
@@ -144,7 +173,11 @@ def _process(tasks: list[ShardTask], settings: EncodeSettings, args: argparse.Na
             return
         result = future.result()
         if task.error is None:
-            task.writer.add(result)
+            try:
+                task.writer.add(result)
+            except DomainNameCollision as error:  # only on a hash collision; fail this shard
+                task.error = f"{task.path}: {error}"
+                return
             progress.update(documents=len(result.lengths), tokens=int(result.lengths.sum()),
                             nbytes=result.input_bytes)
             if state["armed"]:
@@ -206,6 +239,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be >= 0 (0 = encode in the main process)")
     if args.chunk_bytes < 1024:
         raise UsageError("--chunk-bytes must be at least 1024")
+    out = check_output_dir(args.output_dir)
     inputs = {"train": expand_inputs(args.train or []), "valid": expand_inputs(args.valid or []),
               "test": expand_inputs(args.test or [])}
     if not any(inputs.values()):
@@ -221,8 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UsageError(str(error)) from None
         planned += [ShardTask(split, i, p, input_identity(p)) for i, p in zip(ids, inputs[split])]
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     with OutputDirLock(out):
         clean_partials(out)
         done: list[dict] = []
@@ -284,14 +317,14 @@ def _print_result(summary: dict, out: Path) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir)
     sources = [Path(s) for s in args.sources]
     for source in sources:
         if not (source / "shards").is_dir():
             raise UsageError(f"{source} is not a mile-preprocess output directory (no shards/)")
     if any(ch.isspace() for ch in str(out.resolve())):
         raise UsageError(f"--output-dir {args.output_dir!r} contains whitespace")
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     with OutputDirLock(out):
         try:
             summary = merge_outputs(sources, out, args.weights)
