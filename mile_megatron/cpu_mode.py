@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from mile_megatron.settings import env_flag
+
 CPU_ENV_VAR = "MILE_MEGATRON_CPU"
 _TEST_ALLOW_CUDA_ENV_VAR = "MILE_MEGATRON_CPU_TEST_ALLOW_CUDA"
 
@@ -57,7 +59,7 @@ def cpu_mode_requested(argv: Sequence[str] | None = None) -> bool:
     """True when ``--cpu`` is among argv or ``MILE_MEGATRON_CPU`` is set to a true value."""
     if argv is not None and "--cpu" in argv:
         return True
-    return os.environ.get(CPU_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(CPU_ENV_VAR, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +254,7 @@ def activate() -> None:
     # A parent process that imported DeepSpeed may have exported PYTORCH_NVML_BASED_CUDA_CHECK=1; NVML's
     # answer can claim a GPU that cannot be used. Ask the CUDA driver itself.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    if torch.cuda.is_available() and os.environ.get(_TEST_ALLOW_CUDA_ENV_VAR) != "1":
+    if torch.cuda.is_available() and not env_flag(_TEST_ALLOW_CUDA_ENV_VAR, False):
         raise CpuModeError(
             "CPU mode (--cpu / MILE_MEGATRON_CPU=1) was requested but CUDA is available on this "
             "machine. CPU mode is only for machines without GPUs: drop --cpu (and unset "

@@ -12,6 +12,9 @@ Per token, with z the full logits row (all V_pad columns, padding included) and 
            = (1 - p_y) ** gamma                   kind "focal"   (1 - p_y computed as -expm1(-CE))
            = 1                                    kind "ce"
     loss   = w * CE                               (w is a constant for the gradient)
+    -inf logits (masked vocabulary entries) need no special case: log p = -inf and p = 0 there, xlogy(0, 0) = 0,
+    so H is the entropy of the remaining distribution; a target on a -inf logit has CE = +inf, as in
+    F.cross_entropy, with a finite gradient (p_y = 0). A row that is -inf everywhere gives NaN (as F.cross_entropy).
 
 Scalar loss of one data-parallel rank r (mask m, N_r = sum m over rank r's tokens):
     L_r = sum(alpha * w * CE * m) / N_r           (L_r = 0 when N_r == 0)

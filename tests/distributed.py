@@ -13,6 +13,8 @@
   dp_rank = l // tp, TP groups are consecutive ranks, DP groups are strided by tp.
 - fn must be picklable (a module-level function); results travel back pickled (plain pickle,
   no shared memory).
+- env=[{...}, ...] (optional, one dict per rank): environment variables set in that rank's process
+  before anything is imported there (e.g. settings read at import that differ between ranks).
 
 Also here: OpRecorder, a TorchDispatchMode that records every aten/c10d op (collectives with the
 process group they ran on, host-synchronising ops) — instrumentation of the real calls, no mocks.
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -92,7 +94,9 @@ def _build_layouts(rank: int, world_size: int, layouts: Iterable[tuple[int, int]
     return built
 
 
-def _worker(rank: int, world_size: int, tmpdir: str, layouts, tasks, results, parent_pid: int) -> None:
+def _worker(rank: int, world_size: int, tmpdir: str, layouts, tasks, results, parent_pid: int,
+            env: dict[str, str] | None = None) -> None:
+    os.environ.update(env or {})
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -140,7 +144,10 @@ class DistributedPool:
     """world_size persistent gloo workers; see the module docstring."""
 
     def __init__(self, world_size: int, layouts: Iterable[tuple[int, int]] = DEFAULT_LAYOUTS,
-                 start_timeout: float = 180.0) -> None:
+                 start_timeout: float = 180.0, env: Sequence[dict[str, str]] | None = None) -> None:
+        if env is not None and len(env) != world_size:
+            raise ValueError(f"env needs one dict per rank ({world_size}), got {len(env)}")
+        self.env = [dict(e) for e in env] if env is not None else [{} for _ in range(world_size)]
         self.world_size = world_size
         self.layouts = tuple(layouts)
         self.start_timeout = start_timeout
@@ -159,7 +166,7 @@ class DistributedPool:
         for rank in range(self.world_size):
             proc = ctx.Process(target=_worker, daemon=True, name=f"mile-test-rank{rank}",
                                args=(rank, self.world_size, self._tmp.name, self.layouts,
-                                     self._tasks[rank], self._results, os.getpid()))
+                                     self._tasks[rank], self._results, os.getpid(), self.env[rank]))
             proc.start()
             self._procs.append(proc)
         replies = self._collect(-1, self.start_timeout, grace=10.0)

@@ -55,7 +55,7 @@ class TokenCase:
     lead: tuple[int, ...] = (3, 2)  # leading shape, Megatron's [s, b]
     vocab: int = 64  # V_pad, a multiple of MAX_TP
     logits: str = "normal"  # see make_logits
-    targets: str = "random"  # random | edges | padded | peak
+    targets: str = "random"  # random | edges | padded | peak | finite | finite+inf (see make_targets)
     view: str = "contiguous"  # contiguous | transposed | vocab_strided | row_slice
     upstream: str = "random"  # ones | random
     seed: int = 0
@@ -115,6 +115,14 @@ def token_cases() -> list[TokenCase]:
         TokenCase("3d-leading", lead=(2, 3, 2)),
         TokenCase("larger-vocab", vocab=512, lead=(5, 2), logits="spread1e4", targets="edges"),
         TokenCase("larger-vocab-normal", vocab=1024, lead=(4, 2)),
+        # -inf logits (masked vocabulary entries, whole TP shards of a row at -inf); some targets on -inf: CE = +inf
+        TokenCase("neginf-masked-vocab", logits="neginf", targets="finite+inf", lead=(8, 2)),
+        TokenCase("neginf-masked-vocab-bf16-focal", kind="focal", gamma=2.0, logits="neginf",
+                  targets="finite+inf", lead=(8, 2), dtype="bfloat16"),
+        TokenCase("neginf-masked-vocab-fp16-g0", gamma=0.0, logits="neginf", targets="finite", lead=(8, 2),
+                  dtype="float16", view="transposed"),
+        TokenCase("neginf-masked-vocab-strided", gamma=2.5, sigma=0.3, logits="neginf", targets="finite",
+                  lead=(8, 2), view="vocab_strided"),
     ]
     return cases + [replace(case, seed=1000 + i) for i, case in enumerate(edge)]
 
@@ -183,11 +191,31 @@ def make_logits(kind: str, lead: tuple[int, ...], vocab: int, gen: torch.Generat
         z[..., 0] = 1e4
         z[..., -1] = 1e4
         return z
+    if kind == "neginf":  # -inf entries (p = 0): ~30% at random, and whole vocabulary blocks in rows 1, 2, 3 (mod 4)
+        z = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+        z[torch.rand(shape, generator=gen) < 0.3] = -math.inf
+        rows = z.view(-1, vocab)
+        rows[:, [1, vocab // 2 + 1]] = 0.5  # every row keeps a finite entry
+        rows[1::4, vocab // 2:] = -math.inf  # TP=2: rank 1's shard of the row is all -inf (TP=4: ranks 2, 3)
+        rows[2::4, :vocab // 2] = -math.inf  # TP=2: rank 0's (the global maximum is on rank 1)
+        rows[3::4, :vocab // MAX_TP] = -math.inf  # TP=4: rank 0's
+        return z
     raise ValueError(f"unknown logits family {kind!r}")
 
 
-def make_targets(kind: str, lead: tuple[int, ...], vocab: int, gen: torch.Generator) -> torch.Tensor:
+def make_targets(kind: str, lead: tuple[int, ...], vocab: int, gen: torch.Generator,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Target ids of the named family; "finite" (a random column whose logit is finite) and "finite+inf" (the
+    same, but every 3rd token's target on a -inf logit, so CE = +inf) need the full logits."""
     numel = math.prod(lead)
+    if kind in ("finite", "finite+inf"):
+        finite = torch.isfinite(logits.reshape(numel, vocab).double())
+        choose = finite.clone()
+        if kind == "finite+inf":
+            on_inf = ~finite[::3]
+            choose[::3] = torch.where(on_inf.any(-1, keepdim=True), on_inf, finite[::3])
+        noise = torch.rand(numel, vocab, generator=gen, dtype=torch.float64)
+        return torch.where(choose, noise, -1.0).argmax(-1).view(lead)
     if kind == "random":
         flat = torch.randint(0, vocab, (numel,), generator=gen)
     elif kind == "edges":  # first and last column of every shard for every TP size <= MAX_TP
@@ -296,6 +324,7 @@ def value_error(actual: torch.Tensor | float, expected: torch.Tensor | float) ->
     if a.numel() == 0:
         return 0.0
     err = (a - r).abs() / (RTOL * r.abs().clamp_min(1.0))
+    err = torch.where(a == r, torch.zeros_like(err), err)  # equal infinities (CE = +inf at a -inf target) agree
     return math.inf if bool(torch.isnan(err).any()) else float(err.max())
 
 
@@ -388,7 +417,7 @@ def run_token_case(case: TokenCase, par: Parallel) -> dict[str, Any]:
     gen = _generator("token", case.seed, par.replica, par.dp_rank)
     dtype = DTYPES[case.dtype]
     full = make_logits(case.logits, case.lead, case.vocab, gen).to(dtype)  # the exact input values
-    target = make_targets(case.targets, case.lead, case.vocab, gen)
+    target = make_targets(case.targets, case.lead, case.vocab, gen, full)
     upstream = make_upstream(case.upstream, case.lead, gen)
 
     viewed = ViewedInput(case.view, _shard(full, par))
@@ -422,6 +451,60 @@ def run_token_case(case: TokenCase, par: Parallel) -> dict[str, Any]:
         "untouched_grad_zero": viewed.untouched_grad_is_zero(),
         "input_unchanged": unchanged_after_forward and unchanged_after_backward,
     }
+
+
+NEG_INF_ERROR_KEYS = ("ce_vs_cross_entropy", "ce", "entropy", "loss", "grad")
+
+
+def run_neg_inf_parity(par: Parallel, dtype: str) -> dict[str, Any]:
+    """-inf logits (the "neginf" family: masked entries, whole shards of a row at -inf), every 3rd target on a -inf
+    logit: CE against F.cross_entropy in float64 (+inf at exactly those tokens), CE, entropy, loss and the gathered
+    gradient against the float64 reference (error measures of the module docstring)."""
+    from mile_megatron import vocab_parallel_mile_cross_entropy
+
+    lead, vocab = (6, 4), 64
+    gen = _generator("neginf-parity", par.replica, dtype)
+    full = make_logits("neginf", lead, vocab, gen).to(DTYPES[dtype])
+    target = make_targets("finite+inf", lead, vocab, gen, full)
+    upstream = make_upstream("random", lead, gen)
+    leaf = _shard(full, par).clone().requires_grad_(True)
+    out = vocab_parallel_mile_cross_entropy(leaf, target, gamma=1.5, sigma=0.5, tp_group=par.api_tp)
+    out.loss.backward(upstream)
+    grad = _gather_vocab(leaf.grad, par)
+    torch_ce = torch.nn.functional.cross_entropy(full.double().view(-1, vocab), target.view(-1),
+                                                 reduction="none").view(lead)
+    expected = ref.token_losses(full, target, gamma=1.5, sigma=0.5)
+    expected_grad = ref.token_losses_grad(expected, upstream.double())
+    return {
+        "ce_vs_cross_entropy": value_error(out.ce, torch_ce),
+        "ce": value_error(out.ce, expected.ce),
+        "entropy": value_error(out.entropy, expected.entropy),
+        "loss": value_error(out.loss.detach(), expected.loss),
+        "grad": grad_error(grad, expected_grad, dtype, upstream.double() * expected.weight),
+        "ce_is_inf_exactly_where_target_is_inf": bool(torch.equal(out.ce.isinf(), torch_ce.isinf())
+                                                      and torch_ce.isinf().any() and torch_ce.isfinite().any()
+                                                      and out.entropy.isfinite().all()
+                                                      and grad.isfinite().all()),
+    }
+
+
+def run_all_neg_inf_row(par: Parallel) -> dict[str, Any]:
+    """A row that is -inf on every rank (no distribution; F.cross_entropy gives NaN) comes out as documented:
+    uniform over V_pad (H = log V_pad), CE = +inf, a finite gradient; the other rows are unaffected."""
+    from mile_megatron import vocab_parallel_mile_cross_entropy
+
+    vocab = 16 * MAX_TP
+    full = make_logits("normal", (3,), vocab, _generator("all-neginf"))
+    full[1] = -math.inf
+    target = torch.tensor([3, 5, vocab - 1])
+    leaf = _shard(full.float(), par).clone().requires_grad_(True)
+    out = vocab_parallel_mile_cross_entropy(leaf, target, tp_group=par.api_tp)
+    out.loss.backward(torch.ones(3))
+    expected = ref.token_losses(full[[0, 2]], target[[0, 2]])
+    return {"entropy_log_v": abs(float(out.entropy[1]) - math.log(vocab)) <= 1e-6 * math.log(vocab),
+            "ce_inf": float(out.ce[1]) == math.inf,
+            "grad_finite": bool(leaf.grad.isfinite().all()),
+            "others": max(value_error(out.ce[[0, 2]], expected.ce), value_error(out.entropy[[0, 2]], expected.entropy))}
 
 
 def _loss_batch(case: LossCase, par: Parallel, dp_rank: int):
@@ -562,6 +645,14 @@ def worker_instrumented(ctx, tp: int, dp: int) -> dict[str, dict[str, Any]]:
     try:
         for checks in (False, True):
             mm.set_input_checks(checks)
+            # The first call after set_input_checks verifies that every TP rank has the same setting: one host read
+            # of the trailer the statistics all-gather carries anyway (no extra collective). Recorded apart.
+            with OpRecorder(groups) as first:
+                calls["mile"](shard.clone().requires_grad_(True))
+            report[f"mile first call after set_input_checks({checks})"] = {
+                "forward_tp": first.count("tp"), "forward_dp": first.count("dp"),
+                "forward_other": len(first.collectives) - first.count("tp") - first.count("dp"),
+                "backward_collectives": 0, "forward_host_syncs": list(first.host_syncs), "backward_host_syncs": []}
             for label, call in calls.items():
                 leaf = shard.clone().requires_grad_(True)
                 with OpRecorder(groups) as forward:

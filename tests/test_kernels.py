@@ -64,7 +64,7 @@ def _token_run(case: lc.TokenCase, par: lc.Parallel, backend: str):
     kernels.set_loss_backend(backend)
     gen = lc._generator("token", case.seed, par.replica, par.dp_rank)
     full = lc.make_logits(case.logits, case.lead, case.vocab, gen).to(lc.DTYPES[case.dtype])
-    target = lc.make_targets(case.targets, case.lead, case.vocab, gen)
+    target = lc.make_targets(case.targets, case.lead, case.vocab, gen, full)
     upstream = lc.make_upstream(case.upstream, case.lead, gen)
     viewed = lc.ViewedInput(case.view, lc._shard(full, par))
     if case.kind == "mile":
@@ -151,6 +151,167 @@ def worker_inplace(ctx, tp: int) -> dict:
 def worker_instrumented_triton(ctx, tp: int) -> dict:
     _use_triton()
     return lc.worker_instrumented(ctx, tp, 1)
+
+
+def _strided_target_inputs(tp: int, gen: torch.Generator) -> dict:
+    """(full logits, target) whose target is not contiguous: after target.reshape(-1) it is still strided."""
+    vocab, n = 24 * tp, 10
+    labels = torch.randint(0, vocab, (2, 2 * n), generator=gen)
+    full = (torch.randn(n, vocab, generator=gen, dtype=torch.float64) * 3).float()
+    return {
+        "1d-every-second": (full, labels[0, ::2]),  # stride 2
+        "batch1-every-second": (full.unsqueeze(0), labels[:1, ::2]),  # [1, n], strides (2n, 2): flat view stride 2
+        "expanded": (full, torch.tensor(vocab - 1).expand(n)),  # stride 0
+        "transposed": (full.view(5, 2, vocab), labels[:, :5].t()),  # [5, 2] view of [2, 5] (reshape copies)
+    }
+
+
+def worker_strided_targets(ctx, tp: int) -> list[dict]:
+    """CE against F.cross_entropy, loss and gradient against the reference, for non-contiguous targets; both paths."""
+    _use_triton()
+    par = lc.Parallel.from_layout(ctx.layout(tp, 1))
+    results = []
+    for backend in ("triton", "torch"):
+        kernels.set_loss_backend(backend)
+        for name, (full, target) in _strided_target_inputs(tp, lc._generator("strided-target", par.replica)).items():
+            leaf = lc._shard(full, par).clone().requires_grad_(True)
+            out = mm.vocab_parallel_mile_cross_entropy(leaf, target, gamma=1.5, sigma=0.5, tp_group=par.api_tp)
+            out.loss.backward(torch.ones(target.shape))
+            vocab = full.shape[-1]
+            expected_ce = torch.nn.functional.cross_entropy(full.double().reshape(-1, vocab), target.reshape(-1),
+                                                            reduction="none").view(target.shape)
+            tokens = ref.token_losses(full, target, gamma=1.5, sigma=0.5)
+            results.append({
+                "case": f"{backend}/{name}",
+                "ce_vs_cross_entropy": lc.value_error(out.ce, expected_ce),
+                "max_ce_difference_nats": float((out.ce.double() - expected_ce).abs().max()),
+                "loss": lc.value_error(out.loss.detach(), tokens.loss),
+                "grad": lc.grad_error(lc._gather_vocab(leaf.grad, par), ref.token_losses_grad(tokens), "float32",
+                                      tokens.weight),
+            })
+    kernels.set_loss_backend("triton")
+    return results
+
+
+def worker_neg_inf(ctx, tp: int) -> dict:
+    """lc.run_neg_inf_parity (-inf logits) on the Triton and the torch path, fp32 and bf16."""
+    _use_triton()
+    par = lc.Parallel.from_layout(ctx.layout(tp, 1))
+    report = {}
+    for backend in ("triton", "torch"):
+        kernels.set_loss_backend(backend)
+        for dtype in ("float32", "bfloat16"):
+            report[f"{backend}/{dtype}"] = lc.run_neg_inf_parity(par, dtype)
+        report[f"{backend}/all -inf row"] = lc.run_all_neg_inf_row(par)
+    kernels.set_loss_backend("triton")
+    return report
+
+
+def worker_weight_parameters_in_float64(ctx, tp: int) -> dict:
+    """Uniform logits: m, s, t are exact, so H = log V to fp64 accuracy in the merge and w = (sigma + H)^gamma
+    should leave the kernel within one fp32 rounding of the float64 value, for gamma / sigma that are not fp32
+    numbers (rounded to fp32, gamma = 50.3 moves w by 1.3e-6, sigma = 1000.1 with gamma = 10 by 2.4e-7).
+
+    Compiled Triton types a Python float argument as an fp32 scalar (triton.runtime.jit.mangle_type); the
+    interpreter would hand the kernel the Python float itself. The interpreter is made to type float arguments
+    as compiled Triton does while this runs, so the check means the same on CPU as on a GPU."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    from triton.runtime.jit import mangle_type
+
+    from mile_megatron.vocab_parallel import weighted_vocab_parallel_cross_entropy
+
+    _use_triton()
+    assert mangle_type(50.3) == "fp32"
+    par = lc.Parallel.from_layout(ctx.layout(tp, 1))
+    vocab = 64
+    full = torch.zeros(4, vocab)
+    target = torch.tensor([0, 17, 40, 63])
+    report = {}
+    untyped = interpreter._implicit_cvt
+
+    def typed_like_compiled(arg):
+        if isinstance(arg, float):
+            return tl.tensor(interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
+        return untyped(arg)
+
+    interpreter._implicit_cvt = typed_like_compiled
+    try:
+        for gamma, sigma in ((50.3, 1.0), (10.0, 1000.1), (2.0, 0.1)):
+            tokens, weight = weighted_vocab_parallel_cross_entropy(lc._shard(full, par), target, "mile", gamma,
+                                                                   sigma, par.api_tp)
+            expected = ref.token_losses(full, target, gamma=gamma, sigma=sigma)
+            report[f"gamma={gamma} sigma={sigma}"] = {
+                "weight": float(((weight.double() - expected.weight) / expected.weight).abs().max()),
+                "loss": float(((tokens.loss.detach().double() - expected.loss) / expected.loss).abs().max()),
+            }
+    finally:
+        interpreter._implicit_cvt = untyped
+    return report
+
+
+def worker_offsets_beyond_2_31(ctx) -> dict | str | None:
+    """Rank 0: logits, statistics and gradient laid out with column / rank strides whose offsets pass 2^31
+    elements (int32 offsets would wrap: wrong values or a crash), inside one lazily allocated 4.1 GiB bf16
+    buffer. Linux maps its pages on first touch and the interpreter reads CPU tensors in place (its per-launch
+    copy-back is a no-op for the same storage), so only the few touched pages (~1 MiB) become resident."""
+    import resource
+
+    from mile_megatron.kernels import triton_loss
+    from mile_megatron.vocab_parallel import _merge_statistics
+
+    if ctx.rank != 0:
+        return None
+    _use_triton((2, 2))  # 2-column blocks: the statistics loop and the gradient grid both reach the far column
+    try:
+        big = torch.empty(2 ** 31 + 2 ** 25 + 2 ** 12, dtype=torch.bfloat16)
+    except (MemoryError, RuntimeError) as error:
+        return f"skip: cannot reserve 4.1 GiB of address space ({error})"
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows, width, col_stride = 4, 3, 2 ** 30 + 2 ** 24  # column 2 of row r sits at element 2^31 + 2^25 + r
+    gen = lc._generator("offsets-2^31")
+    values = (torch.randn(rows, width, generator=gen) * 3).bfloat16()
+    values[0, 2] = 9.0  # the far column holds a row maximum and a target
+    target = torch.tensor([2, 0, 2, 1])
+    upstream = torch.tensor([1.0, -0.5, 2.0, 0.25])
+    report = {}
+
+    logits = big.as_strided((rows, width), (1, col_stride), storage_offset=0)
+    assert (width - 1) * col_stride + rows > 2 ** 31 > (width - 1) * col_stride // 2
+    logits.copy_(values)
+    leaf = logits.requires_grad_(True)
+    out = mm.vocab_parallel_mile_cross_entropy(leaf, target, gamma=1.5, sigma=0.5)
+    out.loss.backward(upstream)
+    tokens = ref.token_losses(values, target, gamma=1.5, sigma=0.5)
+    expected_grad = ref.token_losses_grad(tokens, upstream.double())
+    coefficient = upstream.double() * tokens.weight
+    report["forward"] = max(lc.value_error(out.loss.detach(), tokens.loss), lc.value_error(out.ce, tokens.ce),
+                            lc.value_error(out.entropy, tokens.entropy))
+    report["backward"] = lc.grad_error(leaf.grad, expected_grad, "bfloat16", coefficient)
+
+    # The gradient written with the logits' far strides (what the in-place backward does), rows 4..7 of the buffer.
+    layout = triton_loss.row_layout(logits.detach())
+    flat_target = target.reshape(-1)
+    stats = triton_loss.row_statistics(layout, flat_target, 0)
+    _, saved = triton_loss.merge(stats.unsqueeze(0), rows, "mile", 1.5, 0.5)
+    out_view = big.as_strided((rows, width), (1, col_stride), storage_offset=rows)
+    triton_loss.gradient(layout, flat_target, saved, upstream, 0, out_view)
+    report["gradient_far_strides"] = lc.grad_error(out_view, expected_grad, "bfloat16", coefficient)
+
+    # The merge reads rank r's statistics at r * rank_stride: three "ranks" 2^30 + 2^24 elements apart (bf16 holds
+    # these small statistics exactly; the offsets do not depend on the dtype).
+    per_rank = torch.tensor([[[0.0, 3.0, -1.5, 0.0]] * rows, [[2.0, 1.0, -0.25, 2.0]] * rows,
+                             [[-1.0, 5.0, -4.0, 0.0]] * rows])
+    gathered = big.as_strided((3, rows * 4 + 3), (col_stride, 1), storage_offset=2 * rows)
+    gathered.zero_()
+    gathered[:, :rows * 4].copy_(per_rank.reshape(3, -1))
+    (_, ce, entropy, _), _ = triton_loss.merge(gathered, rows, "ce", 1.0, 0.0)
+    _, _, expected_ce, expected_entropy = _merge_statistics(per_rank.double())
+    report["merge"] = max(lc.value_error(ce, expected_ce), lc.value_error(entropy, expected_entropy))
+    report["resident_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    del big, logits, leaf, out_view, gathered
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +434,8 @@ def test_inplace_backward_opt_in(pool, tp):
 
 def test_one_collective_in_forward_none_in_backward_no_host_sync(pool):
     """The TP=2 Triton path: one TP collective per forward, none in backward, and with input checks off no
-    host-synchronising op in forward or backward (the interpreter's own tensor copies are not such ops)."""
+    host-synchronising op in forward or backward (the interpreter's own tensor copies are not such ops) except one
+    read of the trailer at the first call after set_input_checks (the ranks' settings must agree)."""
     per_rank = pool.run(worker_instrumented_triton, 2, timeout=120)
     bad = []
     for rank, report in enumerate(per_rank):
@@ -287,7 +449,64 @@ def test_one_collective_in_forward_none_in_backward_no_host_sync(pool):
                 bad.append(where + f"host syncs: {counts['forward_host_syncs']} {counts['backward_host_syncs']}")
             if counts["backward_host_syncs"]:
                 bad.append(where + f"host syncs in backward: {counts['backward_host_syncs']}")
+        # Checks off: the first call after set_input_checks reads the gathered trailer once (the TP ranks'
+        # settings must agree), through the same single collective.
+        first = report["mile first call after set_input_checks(False)"]
+        if first["forward_host_syncs"] != ["Tensor.tolist"]:
+            bad.append(f"rank {rank}: first call with checks off: host syncs {first['forward_host_syncs']}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_strided_targets(pool, tp):
+    """A target that stays strided after reshape(-1) (every second label, an expanded id) or is transposed: CE
+    equals F.cross_entropy, loss and gradient equal the reference, on the Triton and the torch path."""
+    per_rank = pool.run(worker_strided_targets, tp, timeout=120)
+    bad = [f"rank {rank} {res['case']}: {key} {res[key]:.3g} x tolerance (CE off by up to "
+           f"{res['max_ce_difference_nats']:.3g} nats)"
+           for rank, results in enumerate(per_rank) for res in results
+           for key in ("ce_vs_cross_entropy", "loss", "grad") if not res[key] <= 1]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_neg_inf_logits_match_cross_entropy_and_reference(pool, tp):
+    """-inf logits (masked entries; at TP=2 also a rank whose whole shard of a row is -inf, on either side of the
+    global maximum): CE as F.cross_entropy (+inf at targets on -inf), exact entropy of the remaining distribution,
+    finite gradients equal to the reference; Triton and torch paths, fp32 and bf16."""
+    per_rank = pool.run(worker_neg_inf, tp, timeout=120)
+    bad = []
+    for rank, report in enumerate(per_rank):
+        for backend in ("triton", "torch"):  # a row -inf everywhere: uniform, CE = +inf (documented)
+            row = report.pop(f"{backend}/all -inf row")
+            if not (row.pop("others") <= 1 and all(row.values())):
+                bad.append(f"rank {rank} {backend}: row of -inf logits not as documented: {row}")
+        for label, res in report.items():
+            if not res["ce_is_inf_exactly_where_target_is_inf"]:
+                bad.append(f"rank {rank} {label}: CE not +inf exactly at the -inf targets, or non-finite H / grad")
+            bad += [f"rank {rank} {label}: {key} {res[key]:.3g} x tolerance" for key in lc.NEG_INF_ERROR_KEYS
+                    if not res[key] <= 1]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_weight_parameters_reach_the_merge_in_float64(pool, tp):
+    """gamma and sigma enter the fp64 merge kernel exactly: w within fp32 rounding (1e-7 relative) of float64."""
+    per_rank = pool.run(worker_weight_parameters_in_float64, tp, timeout=120)
+    bad = [f"rank {rank} {label}: {key} off by {value:.3g} (relative)" for rank, report in enumerate(per_rank)
+           for label, res in report.items() for key, value in res.items() if not value <= 1e-7]
+    assert not bad, "\n".join(bad)
+
+
+def test_offsets_beyond_2_31_elements(pool):
+    """Column, rank and prefetch offsets past 2^31 elements are computed in int64 (reads, gradient writes, merge)."""
+    report = pool.run(worker_offsets_beyond_2_31, timeout=180)[0]
+    if isinstance(report, str):
+        pytest.skip(report)
+    assert report["resident_growth_mib"] < 512, report  # the lazily allocated buffer stays (almost) untouched
+    bad = [f"{key}: {value:.3g} x tolerance" for key, value in report.items()
+           if key != "resident_growth_mib" and not value <= 1]
+    assert not bad, f"{bad}\n{report}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,14 @@ def test_reference_known_values():
     # against torch's own cross-entropy in float64
     expected = torch.nn.functional.cross_entropy(logits.view(-1, v), target.view(-1), reduction="none")
     assert torch.allclose(whole.ce.view(-1), expected, rtol=1e-14, atol=0)
+    # -inf logits: p = 0 there, H is the entropy of the rest, CE = +inf for a target on -inf, gradient finite
+    masked = torch.tensor([[0.0, -math.inf, math.log(3.0)], [-math.inf, -math.inf, 5.0]], dtype=torch.float64)
+    tokens = ref.token_losses(masked, torch.tensor([2, 0]), kind="ce")
+    assert torch.allclose(tokens.entropy, torch.tensor([-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), 0.0],
+                                                       dtype=torch.float64), rtol=1e-15, atol=0)
+    assert math.isclose(tokens.ce[0], -math.log(0.75), rel_tol=1e-15) and tokens.ce[1] == math.inf
+    assert torch.equal(tokens.ce, torch.nn.functional.cross_entropy(masked, torch.tensor([2, 0]), reduction="none"))
+    assert bool(torch.isfinite(ref.token_losses_grad(tokens)).all())
 
 
 @pytest.mark.parametrize("kind,gamma,sigma", [("mile", 1.0, 1.0), ("mile", 2.5, 0.3), ("focal", 2.0, 1.0),
@@ -182,6 +190,46 @@ def test_gamma_zero_is_cross_entropy():
         assert math.isclose(float(plain), float((expected * mask.view(-1)).sum() / mask.sum()), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_neg_inf_logits_match_cross_entropy_and_reference(dtype):
+    """Masked vocabulary entries (-inf logits, also whole blocks of a row): CE as F.cross_entropy (+inf where the
+    target's logit is -inf), the exact entropy of the remaining distribution, finite gradients equal to the
+    reference. Torch path, no parallelism; TP=2/4 and the Triton path: test_loss_distributed, test_kernels."""
+    report = lc.run_neg_inf_parity(lc.Parallel(), dtype)
+    assert report["ce_is_inf_exactly_where_target_is_inf"], report
+    for key in lc.NEG_INF_ERROR_KEYS:
+        assert report[key] <= 1, (key, report)
+
+
+def test_row_with_every_logit_neg_inf_is_uniform_with_infinite_ce():
+    report = lc.run_all_neg_inf_row(lc.Parallel())
+    assert report.pop("others") <= 1 and all(report.values()), report
+
+
+@pytest.mark.parametrize("kind", ["mile", "focal"])
+def test_masked_positions_with_neg_inf_logits_stay_out_of_the_loss(kind):
+    """A masked position's placeholder target (id 0, or -100 mapped to 0) may sit on a -inf logit (CE = inf there):
+    the scalar loss, its sums and the gradient stay those of the counted tokens (float64 reference)."""
+    logits = torch.randn(3, 4, 16, dtype=torch.float64)
+    logits[..., 0] = float("-inf")  # column 0 is masked out of the vocabulary everywhere
+    target = torch.randint(1, 16, (3, 4))
+    mask = torch.ones(3, 4)
+    mask[0, 1] = mask[2, 3] = 0
+    target[0, 1], target[2, 3] = -100, 0
+    x = logits.float().requires_grad_()
+    stats = mm.mile_loss_with_stats(x, target, mask, kind=kind)
+    stats.loss.backward()
+    counted = torch.where(mask > 0, target, torch.ones_like(target))
+    (expected,) = ref.mile_loss_reference(ref.RefBatch(logits, counted, mask), kind=kind)
+    for got, want in ((stats.loss, expected.loss), (stats.ce_sum, expected.ce_sum),
+                      (stats.entropy_sum, expected.entropy_sum)):
+        assert math.isfinite(float(got)) and float(got) == pytest.approx(want, rel=1e-5)
+    assert bool(torch.isfinite(x.grad).all())
+    torch.testing.assert_close(x.grad.double(), expected.grad, rtol=1e-4, atol=1e-7)
+    terms = mm.mile_loss_terms(logits.float(), target, mask, kind=kind)
+    assert math.isfinite(float(terms.numerator)) and math.isfinite(float(terms.ce_sum))
+
+
 def test_forward_without_grad():
     logits = torch.randn(4, 3, 32)
     target = torch.randint(0, 32, (4, 3))
@@ -223,6 +271,9 @@ def _bad_calls():
         "target == -1 (focal)": ("target", lambda: vp_focal(logits, negative)),
         "target == V_pad (mile_loss)": ("target", lambda: loss(logits, out_of_range)),
         "target == -1 (mile_loss, counted)": ("target", lambda: loss(logits, negative, torch.ones(3, 2))),
+        "target device (mile)": ("device", lambda: vp_mile(logits, target.to("meta"))),
+        "target device (focal)": ("device", lambda: vp_focal(logits, target.to("meta"))),
+        "target device (mile_loss)": ("device", lambda: loss(logits, target.to("meta"))),
     }
 
 
@@ -237,6 +288,24 @@ def test_bad_input_raises_value_error_naming_the_problem(label):
     finally:
         mm.set_input_checks(previous)
     assert keyword in str(info.value).lower(), f"{label}: message does not name '{keyword}': {info.value}"
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_target_on_another_device_is_refused_naming_both_devices(checks):
+    """A target on another device than the logits is refused up front (a kernel would read foreign memory)."""
+    logits = torch.randn(3, 2, 16)
+    target = torch.randint(0, 16, (3, 2), device="meta")
+    previous = mm.input_checks()
+    mm.set_input_checks(checks)
+    try:
+        for call in (lambda: mm.vocab_parallel_mile_cross_entropy(logits, target),
+                     lambda: mm.vocab_parallel_focal_cross_entropy(logits, target, gamma=2.0),
+                     lambda: mm.mile_loss(logits, target, torch.ones(3, 2), kind="focal")):
+            with pytest.raises(ValueError) as info:
+                call()
+            assert "meta" in str(info.value) and "cpu" in str(info.value), str(info.value)
+    finally:
+        mm.set_input_checks(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------

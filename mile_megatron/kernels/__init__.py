@@ -7,7 +7,8 @@ The public loss functions (mile_megatron.vocab_parallel, mile_megatron.loss) pic
     backend "triton": always Triton; on CPU this works only under the Triton interpreter (TRITON_INTERPRET=1
                       set before triton is imported; slow, for tests), otherwise it raises.
 
-Set it with set_loss_backend() or, at import, the environment variable MILE_MEGATRON_LOSS_BACKEND. Float64 logits
+Set it with set_loss_backend() or, at import, the environment variable MILE_MEGATRON_LOSS_BACKEND (parsed by
+mile_megatron.settings: case and surrounding spaces ignored, anything unknown raises ValueError). Float64 logits
 always take the torch path (it computes in float64; the kernels compute in float32 like the torch path does for
 every other dtype). Both paths compute the same quantities with the same formulas (see kernels/triton_loss.py).
 
@@ -24,24 +25,20 @@ tensors) get a new gradient tensor regardless.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..settings import env_choice, env_flag
 
 BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _backend_from_environment() -> str:
-    value = os.environ.get("MILE_MEGATRON_LOSS_BACKEND", "auto").strip().lower() or "auto"
-    if value not in BACKENDS:
-        raise ValueError(f"MILE_MEGATRON_LOSS_BACKEND={value!r} is not a loss backend; "
-                         f"use one of {', '.join(BACKENDS)}")
-    return value
+    return env_choice("MILE_MEGATRON_LOSS_BACKEND", BACKENDS, "auto")
 
 
 _backend = _backend_from_environment()
-_inplace = os.environ.get("MILE_MEGATRON_INPLACE_BACKWARD", "0").strip().lower() in ("1", "true", "yes", "on")
+_inplace = env_flag("MILE_MEGATRON_INPLACE_BACKWARD", False)
 _triton_import_error: str | None = None
 _triton_checked = False
 

@@ -16,32 +16,42 @@ Rank r holds columns [r * V, (r + 1) * V) of every row; z are a row's logits on 
 
    The lanes are then merged like TP ranks: M = max_k m_k, c_k = e^(m_k - M),
        s = sum_k c_k s_k + sum_{k: m_k != M} c_k + (#{k: m_k = M} - 1),   t = sum_k c_k (t_k + (s_k + 1)(m_k - M)),
-   exact because the maximal lanes' left-out terms are exactly 1 (masked lanes hold -1e30, so c_k = 0).
+   exact because the maximal lanes' left-out terms are exactly 1 (masked lanes hold -2e30, so c_k = 0).
+   Logits below FLOOR = -1e30 (-inf: masked vocabulary entries) are read as FLOOR, where e^(FLOOR - m) = 0 next to
+   any real logit while every product stays finite (vocab_parallel's docstring states the rule); z_y is read as is.
    Stored as fp32 [N, 4] = (m, s, t, zy) with zy = z_y when y is on this rank (else 0), followed by the
-   two-number trailer (shard width, bad-target flag) that the one all-gather carries for the input checks.
-2. Merge (BLOCK_ROWS rows per program), after the all-gather of [tp, N * 4 + 2], in fp64:
+   three-number trailer (shard width, input-check setting, bad-target flag) that the one all-gather carries.
+2. Merge (BLOCK_ROWS rows per program), after the all-gather of [tp, N * 4 + 3], in fp64:
        M = max_r m_r, c_r = e^(m_r - M), S = sum_r c_r s_r + sum_{r != r*} c_r  (r* = first rank with m_r = M),
        T = sum_r c_r (t_r + (s_r + 1)(m_r - M)), log Z = log1p(S), CE = (M - z_y) + log Z,
        H = log Z - T / (1 + S), w = (sigma + H)^gamma | (-expm1(-CE))^gamma | 1, loss = w * CE.
    log1p, expm1 and pow are evaluated in fp64 (series below 1e-5, else from exp/log: relative error < 1e-10),
-   then rounded once to fp32. Outputs: loss, CE, H, w (fp32 [N]) and, for backward, (M, log Z, w, expm1(-CE)).
+   then rounded once to fp32. gamma and sigma arrive as the int64 bit patterns of their fp64 values (a Python
+   float kernel argument is typed fp32: gamma = 50.3 would move w by ~1e-6). Outputs: loss, CE, H, w (fp32 [N])
+   and, for backward, (M, log Z, w, expm1(-CE)).
 3. Backward (one program per BLOCK columns of a row, or of a few narrow rows): p = e^((z - M) - log Z)
-   recomputed from the saved logits, and g * w * (p - [j == y]) written in the logits' dtype with one rounding,
-   the target column as g * w * expm1(-CE) (exact when p_y ~ 1). No collective. Optionally in place.
+   recomputed from the saved logits (0 at -inf), and g * w * (p - [j == y]) written in the logits' dtype with
+   one rounding, the target column as g * w * expm1(-CE) (exact when p_y ~ 1). No collective. Optionally in place.
 
 Nothing synchronises with the host (no .item(), no data-dependent Python branch): with the input checks off the
-launches are CUDA-graph capturable. Offsets are int64 (a row may start beyond 2^31 elements).
+launches are CUDA-graph capturable. Every element offset is int64 (row and column offsets, rank steps of the
+merge; the trailer has its own pointer): a strided layout may address beyond 2^31 elements. The target is read
+at its own stride: target.reshape(-1) is 1-D, so one stride describes it (2 for labels[:, ::2] of one sequence,
+0 for an expanded id), which costs nothing where a contiguous copy would cost a launch (reshape has already
+copied whenever the leading dimensions cannot be viewed as one).
 Memory besides the gradient: about N * (16 tp + 48) bytes of statistics and outputs; nothing logits-sized.
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from ..parallel import all_gather_rows, group_rank, group_size
-from ..vocab_parallel import _check_inputs, _checks_active
+from ..vocab_parallel import _STATS, _TRAILER, FLOOR, _check_inputs, _checks_active, _must_read_trailer
 from . import inplace_backward
 from .layout import RowLayout, has_distinct_elements, row_layout
 
@@ -53,10 +63,9 @@ FORWARD_BLOCK = 2048
 BACKWARD_BLOCK = 4096
 MERGE_ROWS = 256
 
-_EMPTY = tl.constexpr(-1.0e30)  # masked lanes: e^(_EMPTY - m) is exactly 0 next to any real logit, products stay finite
+_FLOOR = tl.constexpr(FLOOR)  # logits below read as FLOOR (-inf: masked vocabulary entries); z_y is read as is
+_EMPTY = tl.constexpr(2.0 * FLOOR)  # masked lanes: e^(_EMPTY - m) = 0 even next to FLOOR, products stay finite
 _KINDS = {"mile": 0, "focal": 1, "ce": 2}
-_STATS = 4
-_TRAILER = 2
 
 
 def _tile(rows: int, width: int, largest: int) -> tuple[int, int, int]:
@@ -72,23 +81,35 @@ def _tile(rows: int, width: int, largest: int) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_statistics_kernel(logits_ptr, target_ptr, stats_ptr, n_rows, width, first_col, inner, stride_outer,
-                           stride_inner, stride_col, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _at(index, stride):
+    """Element offset index * stride in int64 (index: int32 column indices; the product may pass 2^31)."""
+    return index.to(tl.int64) * stride
+
+
+@triton.jit
+def _floored(z):
+    """z, with every value below FLOOR (-inf included) as FLOOR; NaN stays NaN."""
+    return tl.where(z < _FLOOR, _FLOOR, z)
+
+
+@triton.jit
+def _row_statistics_kernel(logits_ptr, target_ptr, target_stride, stats_ptr, trailer_ptr, n_rows, width, first_col,
+                           inner, stride_outer, stride_inner, stride_col, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
     base = logits_ptr + ((rows // inner) * stride_outer + (rows % inner) * stride_inner)[:, None]
-    cols = tl.arange(0, BLOCK)[None, :]
+    cols = tl.arange(0, BLOCK)[None, :]  # int32 column indices; every offset is formed in int64 (_at)
     valid = row_ok[:, None] & (cols < width)
-    z = tl.load(base + cols * stride_col, mask=valid, other=0.0).to(tl.float32)
-    m = tl.where(valid, z, _EMPTY)  # every lane starts as the one-value state (z, 0, 0)
+    z = tl.load(base + _at(cols, stride_col), mask=valid, other=0.0).to(tl.float32)
+    m = tl.where(valid, _floored(z), _EMPTY)  # every lane starts as the one-value state (z, 0, 0)
     s = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     t = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     ahead = BLOCK + cols
-    after = tl.load(base + ahead * stride_col, mask=row_ok[:, None] & (ahead < width), other=0.0)
+    after = tl.load(base + _at(ahead, stride_col), mask=row_ok[:, None] & (ahead < width), other=0.0)
     for start in range(BLOCK, width, BLOCK):
-        z = tl.where(row_ok[:, None] & (start + cols < width), after.to(tl.float32), _EMPTY)
+        z = tl.where(row_ok[:, None] & (start + cols < width), _floored(after.to(tl.float32)), _EMPTY)
         ahead = start + BLOCK + cols  # the next block's load is in flight while this one is merged
-        after = tl.load(base + ahead * stride_col, mask=row_ok[:, None] & (ahead < width), other=0.0)
+        after = tl.load(base + _at(ahead, stride_col), mask=row_ok[:, None] & (ahead < width), other=0.0)
         # merge (m, s, t) with (z, 0, 0): a = e^(min - max) rescales the smaller side, k = a if z is the new max
         d = z - m
         a = tl.exp(-tl.abs(d))
@@ -105,18 +126,19 @@ def _row_statistics_kernel(logits_ptr, target_ptr, stats_ptr, n_rows, width, fir
     s_row = tl.sum(tl.where(is_max, 0.0, c) + c * s, 1) + (tl.sum(is_max.to(tl.float32), 1) - 1.0)
     t_row = tl.sum(c * (t + (s + 1.0) * (m - m_row[:, None])), 1)
 
-    local = tl.load(target_ptr + rows, mask=row_ok, other=0) - first_col
+    local = tl.load(target_ptr + rows * target_stride, mask=row_ok, other=0) - first_col
     on_rank = row_ok & (local >= 0) & (local < width)
     zy = tl.load(tl.reshape(base, [ROWS]) + tl.where(on_rank, local, 0) * stride_col, mask=on_rank,
-                 other=0.0).to(tl.float32)
+                 other=0.0).to(tl.float32)  # not floored: a target on -inf gives CE = +inf
     out = stats_ptr + rows * 4
     tl.store(out, m_row, mask=row_ok)
     tl.store(out + 1, s_row, mask=row_ok)
     tl.store(out + 2, t_row, mask=row_ok)
     tl.store(out + 3, zy, mask=row_ok)
-    if tl.program_id(0) == 0:  # trailer: shard width, bad-target flag (set by the caller when input checks run)
-        tl.store(stats_ptr + n_rows * 4, width * 1.0)
-        tl.store(stats_ptr + n_rows * 4 + 1, 0.0)
+    if tl.program_id(0) == 0:  # trailer (width, 0, 0); the caller sets the check flags when input checks run
+        tl.store(trailer_ptr, width * 1.0)
+        tl.store(trailer_ptr + 1, 0.0)
+        tl.store(trailer_ptr + 2, 0.0)
 
 
 @triton.jit
@@ -139,21 +161,25 @@ def _pow(x, gamma):
     return tl.where(gamma == 0, 1.0, tl.where(positive, value, 0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gamma_bits", "sigma_bits"])
 def _merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entropy_ptr, weight_ptr, saved_ptr,
-                  gamma, sigma, KIND: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                  gamma_bits, sigma_bits, KIND: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact fp64 values (see _float64_bits)
+    sigma = sigma_bits.to(tl.int64).to(tl.float64, bitcast=True)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     valid = rows < n_rows
     stats = gathered_ptr + rows * 4
     top = tl.load(stats, mask=valid, other=0.0).to(tl.float64)
+    at = stats
     for r in range(1, tp):
-        top = tl.maximum(top, tl.load(stats + r * rank_stride, mask=valid, other=0.0).to(tl.float64))
+        at += rank_stride  # pointer steps: r * rank_stride is never formed in 32 bits
+        top = tl.maximum(top, tl.load(at, mask=valid, other=0.0).to(tl.float64))
     total = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
     weighted = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
     zy = tl.zeros([BLOCK_ROWS], dtype=tl.float64)
     found = tl.zeros([BLOCK_ROWS], dtype=tl.int1)
+    at = stats
     for r in range(tp):
-        at = stats + r * rank_stride
         m = tl.load(at, mask=valid, other=0.0).to(tl.float64)
         s = tl.load(at + 1, mask=valid, other=0.0).to(tl.float64)
         t = tl.load(at + 2, mask=valid, other=0.0).to(tl.float64)
@@ -163,6 +189,7 @@ def _merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entro
         total += scale * s + tl.where(owner, 0.0, scale)
         weighted += scale * (t + (s + 1.0) * (m - top))
         zy += tl.load(at + 3, mask=valid, other=0.0).to(tl.float64)
+        at += rank_stride
     log_z = _log1p(total)
     ce = (top - zy) + log_z
     entropy = log_z - weighted / (1.0 + total)
@@ -185,17 +212,17 @@ def _merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entro
 
 
 @triton.jit
-def _gradient_kernel(logits_ptr, grad_ptr, target_ptr, saved_ptr, upstream_ptr, upstream_stride, n_rows, width,
-                     first_col, inner, stride_outer, stride_inner, stride_col, grad_outer, grad_inner, grad_col,
-                     ROWS: tl.constexpr, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+def _gradient_kernel(logits_ptr, grad_ptr, target_ptr, target_stride, saved_ptr, upstream_ptr, upstream_stride,
+                     n_rows, width, first_col, inner, stride_outer, stride_inner, stride_col, grad_outer, grad_inner,
+                     grad_col, ROWS: tl.constexpr, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(width, BLOCK)
     rows = (pid // blocks) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
-    cols = ((pid % blocks).to(tl.int32) * BLOCK + tl.arange(0, BLOCK))[None, :]
+    cols = ((pid % blocks).to(tl.int32) * BLOCK + tl.arange(0, BLOCK))[None, :]  # int32 indices; offsets: _at
     valid = row_ok[:, None] & (cols < width)
     outer, within = rows // inner, rows % inner
-    z = tl.load(logits_ptr + (outer * stride_outer + within * stride_inner)[:, None] + cols * stride_col,
+    z = tl.load(logits_ptr + (outer * stride_outer + within * stride_inner)[:, None] + _at(cols, stride_col),
                 mask=valid, other=0.0).to(tl.float32)
     saved = saved_ptr + rows * 4
     top = tl.load(saved, mask=row_ok, other=0.0)[:, None]
@@ -203,10 +230,10 @@ def _gradient_kernel(logits_ptr, grad_ptr, target_ptr, saved_ptr, upstream_ptr, 
     g = tl.load(upstream_ptr + rows * upstream_stride, mask=row_ok, other=0.0).to(tl.float32)
     scale = (g * tl.load(saved + 2, mask=row_ok, other=0.0))[:, None]  # g * w
     at_target = tl.load(saved + 3, mask=row_ok, other=0.0)[:, None]  # expm1(-CE) = p_y - 1
-    local = (tl.load(target_ptr + rows, mask=row_ok, other=0) - first_col)[:, None]
-    probs = tl.exp((z - top) - log_z)  # (z - M) first: exact near the maximum even at |M| ~ 1e4
+    local = (tl.load(target_ptr + rows * target_stride, mask=row_ok, other=0) - first_col)[:, None]
+    probs = tl.exp((z - top) - log_z)  # (z - M) first: exact near the maximum even at |M| ~ 1e4; p(-inf) = 0
     value = tl.where(cols == local, at_target, probs) * scale
-    out = grad_ptr + (outer * grad_outer + within * grad_inner)[:, None] + cols * grad_col
+    out = grad_ptr + (outer * grad_outer + within * grad_inner)[:, None] + _at(cols, grad_col)
     if BF16_BY_BITS:  # the interpreter truncates fp32 -> bf16; round to nearest even by hand there
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -239,25 +266,31 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def row_statistics(layout: RowLayout, target: torch.Tensor, first_col: int) -> torch.Tensor:
-    """fp32 [N * 4 + 2]: (m, s, t, zy) per row, then the trailer (width, 0)."""
+    """fp32 [N * 4 + 3]: (m, s, t, zy) per row, then the trailer (width, 0, 0). target: 1-D, any stride."""
     stats = torch.empty(layout.rows * _STATS + _TRAILER, dtype=torch.float32, device=layout.tensor.device)
     tile_rows, block, warps = _tile(layout.rows, layout.width, FORWARD_BLOCK)
     with _device_guard(stats):
         _row_statistics_kernel[(triton.cdiv(layout.rows, tile_rows),)](
-            layout.tensor, target, stats, layout.rows, layout.width, first_col, layout.inner, layout.stride_outer,
-            layout.stride_inner, layout.stride_col, ROWS=tile_rows, BLOCK=block, num_warps=warps)
+            layout.tensor, target, target.stride(0), stats, stats[-_TRAILER:], layout.rows, layout.width, first_col,
+            layout.inner, layout.stride_outer, layout.stride_inner, layout.stride_col, ROWS=tile_rows, BLOCK=block,
+            num_warps=warps)
     return stats
 
 
+def _float64_bits(value: float) -> int:
+    """The fp64 bit pattern of `value` as a signed int64 (the kernel bitcasts it back: exact, no fp32 rounding)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
 def merge(gathered: torch.Tensor, rows: int, kind: str, gamma: float, sigma: float):
-    """gathered [tp, N * 4 + 2] -> (loss, ce, entropy, weight) fp32 [N] and saved fp32 [N, 4]."""
+    """gathered [tp, N * 4 + 3] -> (loss, ce, entropy, weight) fp32 [N] and saved fp32 [N, 4]."""
     device = gathered.device
     loss, ce, entropy, weight = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(4))
     saved = torch.empty(rows, _STATS, dtype=torch.float32, device=device)
     with _device_guard(gathered):
         _merge_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
-            gathered, gathered.stride(0), gathered.shape[0], rows, loss, ce, entropy, weight, saved, gamma, sigma,
-            KIND=_KINDS[kind], BLOCK_ROWS=MERGE_ROWS, num_warps=4)
+            gathered, gathered.stride(0), gathered.shape[0], rows, loss, ce, entropy, weight, saved,
+            _float64_bits(gamma), _float64_bits(sigma), KIND=_KINDS[kind], BLOCK_ROWS=MERGE_ROWS, num_warps=4)
     return (loss, ce, entropy, weight), saved
 
 
@@ -279,7 +312,8 @@ def gradient(layout: RowLayout, target: torch.Tensor, saved: torch.Tensor, upstr
     grid = (triton.cdiv(layout.rows, tile_rows) * triton.cdiv(layout.width, block),)
     with _device_guard(logits):
         _gradient_kernel[grid](
-            logits, out, target, saved, upstream, upstream.stride(0), layout.rows, layout.width, first_col,
+            logits, out, target, target.stride(0), saved, upstream, upstream.stride(0), layout.rows, layout.width,
+            first_col,
             layout.inner, layout.stride_outer, layout.stride_inner, layout.stride_col, grad_outer, grad_inner,
             grad_col, ROWS=tile_rows, BLOCK=block, BF16_BY_BITS=INTERPRETED and logits.dtype == torch.bfloat16,
             num_warps=warps)
@@ -302,11 +336,12 @@ class TritonWeightedVocabParallelCrossEntropy(torch.autograd.Function):
 
         stats = row_statistics(layout, flat_target, first_col)
         checks = _checks_active(logits.device)
-        if checks:
+        if checks:  # trailer (width, input-check setting, bad-target flag); device-side fills
+            stats[-2] = 1.0
             stats[-1:] = ((flat_target < 0) | (flat_target >= layout.width * tp_size)).any()
         gathered = all_gather_rows(stats, tp_group)  # the one TP collective
-        if checks:
-            _check_inputs(gathered[:, -_TRAILER:])
+        if _must_read_trailer(checks, tp_group, logits.device):
+            _check_inputs(gathered[:, -_TRAILER:], checks, tp_group)
         (loss, ce, entropy, weight), saved = merge(gathered, layout.rows, kind, gamma, sigma)
 
         ctx.save_for_backward(layout.tensor, flat_target, saved)
