@@ -11,12 +11,13 @@ mock data with a 32000-entry NullTokenizer vocabulary, --train-iters steps, logg
   ce                 mile-pretrain --loss ce (the same code with w = 1)
   megatron-ce        Megatron's own cross-entropy: Megatron's GPTModel gets the labels and computes
                      vocab_parallel_cross_entropy itself, as in Megatron's own GPT training script. mile-pretrain
-                     has no flag for this (its model returns the logits and the loss is computed from them), so
-                     this benchmark swaps in that model and forward step inside the same entry point.
+                     has no flag for this (its model returns the logits through GPTModel's output_processor and the
+                     loss is computed from them), so this benchmark swaps in that forward step inside the same
+                     entry point.
   megatron-fused-ce  the same with --cross-entropy-loss-fusion --cross-entropy-fusion-impl native
   mile-torch         --loss mile with MILE_MEGATRON_LOSS_BACKEND=torch (the exact torch path)
   paper-eager-mile   the paper's formula in eager torch (benchmarks/loss_bench.py: paper_mile_terms) in place of
-                     mile_loss_with_stats; alpha = 1 / mean(w) over this rank's positions
+                     mile_loss_terms; alpha = 1 / mean(w) over this rank's positions
   compile-mile       the same formula under torch.compile
 The step time is the median of Megatron's "elapsed time per iteration" over the steps after --skip warm-up
 steps; tokens/s = tokens per step / step time. Peak memory is torch.cuda.max_memory_allocated() over the whole
@@ -69,8 +70,8 @@ VARIANTS: tuple[Variant, ...] = (
             extra_flags=("--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "native")),
     Variant("mile-torch", "mile", "mile-pretrain --loss mile with the torch path (MILE_MEGATRON_LOSS_BACKEND=torch)",
             env={"MILE_MEGATRON_LOSS_BACKEND": "torch"}),
-    Variant("paper-eager-mile", "mile", "the paper's formula in eager torch in place of mile_loss_with_stats"),
-    Variant("compile-mile", "mile", "the paper's formula under torch.compile in place of mile_loss_with_stats"),
+    Variant("paper-eager-mile", "mile", "the paper's formula in eager torch in place of mile_loss_terms"),
+    Variant("compile-mile", "mile", "the paper's formula under torch.compile in place of mile_loss_terms"),
 )
 VARIANT_NAMES = tuple(variant.name for variant in VARIANTS)
 DEFAULT_VARIANTS = ("mile", "megatron-ce", "ce", "megatron-fused-ce")
@@ -101,14 +102,15 @@ def megatron_ce_forward_step(data_iterator, model, return_schedule_plan: bool = 
     return per_token_ce, partial(masked_sum_loss, loss_mask, model=model)
 
 
-def paper_mile_stats_function(compiled: bool):
-    """A stand-in for mile_loss_with_stats that evaluates the paper's formula (TP=1: full vocabulary)."""
+def paper_mile_terms_function(compiled: bool):
+    """A stand-in for mile_loss_terms that evaluates the paper's formula (TP=1: full vocabulary); the paper's alpha
+    1 / mean(w) over this rank's positions goes into the numerator, the denominator is the token count."""
     import torch
 
     sys.path.insert(0, str(HERE))
     from loss_bench import paper_mile_terms
 
-    from mile_megatron.loss import MileLossStats
+    from mile_megatron.loss import MileLossTerms
 
     def sums(logits, target, mask, gamma, sigma):
         ce, entropy, weight = paper_mile_terms(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), gamma, sigma)
@@ -117,15 +119,15 @@ def paper_mile_stats_function(compiled: bool):
 
     compute = torch.compile(sums, dynamic=False) if compiled else sums
 
-    def stats(logits, target, loss_mask=None, *, kind="mile", gamma=1.0, sigma=1.0, alpha="global",
+    def terms(logits, target, loss_mask=None, *, kind="mile", gamma=1.0, sigma=1.0, alpha="global",
               tp_group=None, dp_group=None):
         mask = (torch.ones(target.shape, device=target.device) if loss_mask is None else loss_mask).reshape(-1).float()
         loss_sum, ce_sum, entropy_sum, scale = compute(logits, target, mask, gamma, sigma)
         num_tokens = mask.sum()
-        return MileLossStats(loss=loss_sum / num_tokens.clamp(min=1), loss_sum=loss_sum, ce_sum=ce_sum,
-                             entropy_sum=entropy_sum, num_tokens=num_tokens, alpha=scale.detach())
+        return MileLossTerms(numerator=loss_sum, denominator=num_tokens, ce_sum=ce_sum, entropy_sum=entropy_sum,
+                             weight_sum=num_tokens / scale.detach(), num_tokens=num_tokens, alpha=scale.detach())
 
-    return stats
+    return terms
 
 
 def run_worker(variant_name: str, flags: list[str]) -> int:
@@ -136,12 +138,9 @@ def run_worker(variant_name: str, flags: list[str]) -> int:
     from mile_megatron import pretrain_gpt
 
     if variant_name in ("megatron-ce", "megatron-fused-ce"):
-        from megatron.core.models.gpt import GPTModel
-
-        pretrain_gpt.gpt_model_class = lambda: GPTModel  # Megatron's own model: labels -> its cross-entropy
-        pretrain_gpt.forward_step = megatron_ce_forward_step
+        pretrain_gpt.forward_step = megatron_ce_forward_step  # no output_processor: GPTModel's own cross-entropy
     elif variant_name in ("paper-eager-mile", "compile-mile"):
-        loss_module.mile_loss_with_stats = paper_mile_stats_function(compiled=variant_name == "compile-mile")
+        loss_module.mile_loss_terms = paper_mile_terms_function(compiled=variant_name == "compile-mile")
     began = time.perf_counter()
     pretrain_gpt.main(flags)
     result = {"variant": variant_name, "seconds": time.perf_counter() - began,

@@ -5,11 +5,17 @@
                   [--mile-loss-log PATH] [--peak-tflops-per-device T] <any Megatron flag>...
 
 Runs megatron.training's own `pretrain` loop (0.19 call sequence: parse_and_validate_args ->
-pretrain_cfg_container_from_args -> pretrain) on a LLaMA-architecture GPTModel. The model
-returns its vocab-parallel logits [b, s, V_pad/tp] (a view of the output layer's [s, b, V_pad/tp], in
-the model's dtype: no copy) and the loss comes from mile_loss_with_stats. Megatron's --calculate-per-token-loss is always on: each micro-batch returns
-sum(alpha * w * CE * mask) and sum(mask), and Megatron divides the summed gradients by the number
-of tokens in the global batch.
+pretrain_cfg_container_from_args -> pretrain) on a LLaMA-architecture GPTModel. Through GPTModel's
+output_processor the model returns its vocab-parallel logits [b, s, V_pad/tp] (a view of the output
+layer's [s, b, V_pad/tp], in the model's dtype: no copy) and the loss comes from
+mile_megatron.loss.mile_loss_terms. The optimised loss of a step is exact over the global batch:
+
+    L = sum(alpha * w * CE * mask) / sum(w * mask)    (--mile-alpha global; denominator sum(mask) otherwise)
+
+over every counted token of every micro-batch and data-parallel x context-parallel rank. Each micro-batch
+back-propagates its numerator (Megatron's --calculate-per-token-loss, always on) and StepNormalization, the
+model config's finalize_model_grads_func, divides the step's gradients once by the global denominator,
+reduced where Megatron reduces its token count: no data-parallel collective in the forward.
 
 Logged every step through Megatron's own logging (stdout, TensorBoard, W&B): `lm loss` (plain CE,
 comparable across losses), `mile loss` (the optimised loss), `entropy` (mean predictive entropy),
@@ -48,6 +54,7 @@ from mile_megatron.presets import LLAMA_ARCHITECTURE_FLAGS, PRESET_NAMES, preset
 
 LOSS_CHOICES = ("ce", "focal", "mile")
 ALPHA_CHOICES = ("global", "official", "none")
+SPIKY_LOSS_FACTOR = 10  # as upstream pretrain_gpt.py: a loss 10x the largest seen so far is a spike
 NONFINITE_TEST_ENV_VAR = "MILE_MEGATRON_TEST_NONFINITE_ITERATION"
 HOLD_TEST_ENV_VAR = "MILE_MEGATRON_TEST_HOLD_ITERATION"
 DUMP_TEST_ENV_VAR = "MILE_MEGATRON_TEST_DUMP_DIR"
@@ -184,8 +191,6 @@ def check_supported(args: argparse.Namespace, cpu: bool) -> None:
         problems.append("MoE (--num-experts) is not supported: the MiLe loss path has no router aux loss")
     if getattr(args, "mtp_num_layers", None):
         problems.append("multi-token prediction (--mtp-num-layers) is not supported by mile-pretrain")
-    if getattr(args, "fp16", False) and args.loss != "ce":
-        pass  # fp16 works: the loss upcasts to fp32; kept for completeness
     if (args.use_distributed_optimizer and not fused and not args.no_load_optim
             and (_has_checkpoint(args.load) or _has_checkpoint(getattr(args, "pretrained_checkpoint", None)))):
         problems.append(
@@ -203,23 +208,103 @@ def check_supported(args: argparse.Namespace, cpu: bool) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Model.
-@functools.cache
-def gpt_model_class() -> type:
-    """GPTModel whose "language-model loss" is the logits: given labels, forward returns the output layer's
-    vocab-parallel logits [s, b, V_pad/tp] as a [b, s, V_pad/tp] view (no copy; GPTModel's labels=None path
-    copies them into [b, s] order), and logits_loss_func computes the loss from them."""
-    from megatron.core.models.gpt import GPTModel
+def vocab_parallel_logits(*, hidden_states: torch.Tensor, output_layer: Any, output_weight: torch.Tensor | None,
+                          runtime_gather_output: bool | None = None, scale_logits: Any = None,
+                          **_: Any) -> torch.Tensor:
+    """GPTModel output_processor: this TP rank's vocab-parallel logits [s, b, V_pad/tp] as a [b, s, V_pad/tp] view.
 
-    class LogitsGPTModel(GPTModel):
-        def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            return logits.transpose(0, 1)
+    GPTModel itself would return the labels' per-token CE, or (without labels) a contiguous [b, s, V] copy of the
+    logits; the loss here reads the output layer's own tensor (no copy) and computes the loss from it.
+    """
+    logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+    if scale_logits is not None:
+        logits = scale_logits(logits)  # MuP output multiplier (identity unless --use-mup)
+    return logits.transpose(0, 1)
 
-    return LogitsGPTModel
+
+def model_forward_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for `model(tokens, position_ids, attention_mask, labels=..., **kwargs)` so that it returns
+    the vocab-parallel logits in the model's dtype: the output processor above and, with --bf16 / --fp16,
+    fp32_output=False (Megatron's Float16Module would otherwise return an fp32 copy; the loss computes in fp32
+    internally and rounds the gradient once to the logits' dtype)."""
+    kwargs: dict[str, Any] = {"output_processor": vocab_parallel_logits}
+    if args.fp16 or args.bf16:
+        kwargs["fp32_output"] = False
+    return kwargs
+
+
+class StepNormalization:
+    """Megatron `finalize_model_grads_func` dividing the step's summed gradients by the step's loss denominator.
+
+    Each training micro-batch back-propagates the numerator of mile_megatron.loss.MileLossTerms and its loss
+    function adds the denominator here (last pipeline stage; no collective). At the end of the step Megatron's own
+    finalize_model_grads runs without its token scaling, then the summed denominator is broadcast from the last
+    pipeline stage and all-reduced over the data x context parallel ranks (the collectives and groups Megatron uses
+    for --calculate-per-token-loss) and the gradients are scaled once by 1 / sum: one float64 scalar in place of
+    Megatron's int token count (for alpha "global" the denominator sum(w * mask) is not an integer).
+    A step whose loss function added nothing (another loss, e.g. knowledge distillation in the patched upstream
+    script) is divided by Megatron's own token count, exactly as finalize_model_grads does.
+    """
+
+    def __init__(self, finalize: Any = None) -> None:
+        self.finalize = finalize  # the hook it replaces (None: megatron.core's finalize_model_grads)
+        self.pending: torch.Tensor | None = None
+
+    def add(self, denominator: torch.Tensor) -> None:
+        value = denominator.detach().double()
+        self.pending = value if self.pending is None else self.pending + value
+
+    def __call__(self, model: list, num_tokens: torch.Tensor | None = None, *args: Any, pg_collection: Any = None,
+                 **kwargs: Any) -> None:
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel.utils import get_pp_last_rank
+
+        finalize = self.finalize or finalize_model_grads
+        total, self.pending = self.pending, None
+        if num_tokens is None:  # Megatron averages per micro-batch itself (mile_loss_func refuses this setting)
+            if total is not None:
+                raise UsageError("the MiLe loss needs --calculate-per-token-loss (it normalises over the whole step)")
+            return finalize(model, None, *args, pg_collection=pg_collection, **kwargs)
+        finalize(model, None, *args, pg_collection=pg_collection, **kwargs)
+        if total is None:  # Megatron's count: another loss on the last stage, or 0 before the broadcast elsewhere
+            total = num_tokens.double()
+        if pg_collection is not None:
+            pp_group = pg_collection.pp
+            dp_cp_group = getattr(pg_collection, "dp_cp_gtp_remat", None) or pg_collection.dp_cp
+        else:
+            pp_group = parallel_state.get_pipeline_model_parallel_group()
+            dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dist.broadcast(total, src=get_pp_last_rank(pp_group), group=pp_group)
+        dist.all_reduce(total, group=dp_cp_group)
+        scale = torch.where(total > 0, 1.0 / total, torch.ones_like(total)).float()
+        for chunk in model:
+            chunk.scale_gradients(scale)
+
+
+_step_normalization: StepNormalization | None = None
+
+
+def install_step_normalization(config: Any) -> StepNormalization:
+    """Make `config.finalize_model_grads_func` (a TransformerConfig, or a GPTModelConfig that forwards to one) the
+    process's StepNormalization, wrapping a hook already installed there. One instance per process, shared by
+    every model chunk (virtual pipeline stages), so denominators added on one chunk reach the step's finalize."""
+    global _step_normalization
+    current = config.finalize_model_grads_func
+    if isinstance(current, StepNormalization):
+        return current
+    if _step_normalization is None:
+        _step_normalization = StepNormalization(current)
+    config.finalize_model_grads_func = _step_normalization
+    return _step_normalization
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
                    config: Any = None, pg_collection: Any = None) -> torch.nn.Module:
-    """A LLaMA-architecture GPTModel (gpt_model_class) returning vocab-parallel logits."""
+    """A LLaMA-architecture GPTModel whose step gradients StepNormalization divides (see forward_step)."""
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -230,6 +315,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     args = get_args()
     if config is None:
         config = core_transformer_config_from_args(args)
+    install_step_normalization(config)
     if args.transformer_impl == "transformer_engine":
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
@@ -237,7 +323,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     kwargs: dict[str, Any] = {}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return gpt_model_class()(
+    return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=args.padded_vocab_size,
@@ -399,64 +485,109 @@ def _inject_nonfinite(logits: torch.Tensor, model: Any, args: argparse.Namespace
     return corrupted
 
 
-def logits_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor,
-                     model: Any = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Megatron loss_func (with --calculate-per-token-loss) on GPTModel's vocab-parallel logits.
+def _step_normalization_of(model: Any) -> StepNormalization:
+    from megatron.core.utils import get_model_config
 
-    Returns (loss_sum, num_tokens, report): loss_sum = sum(alpha * w * CE * mask) (differentiable),
-    num_tokens = sum(mask) as an int tensor, and report entries [sum, count] that Megatron sums
-    over micro-batches and data-parallel ranks and prints as sum / count: 'lm loss' (plain CE),
-    'mile loss' (the optimised loss), 'entropy' (mean predictive entropy), 'alpha' (token-weighted).
+    hook = get_model_config(model).finalize_model_grads_func
+    if not isinstance(hook, StepNormalization):
+        raise UsageError("the model's config has no StepNormalization as finalize_model_grads_func: call "
+                         "mile_megatron.pretrain_gpt.install_step_normalization(config) on the model config before "
+                         "training (mile-pretrain and the Megatron-LM patch do)")
+    return hook
+
+
+def mile_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor,
+                   model: Any = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron loss_func (--calculate-per-token-loss) on GPTModel's vocab-parallel logits, without result checks.
+
+    Returns (numerator, num_tokens, report) of mile_megatron.loss.mile_loss_terms: Megatron back-propagates the
+    numerator sum(alpha * w * CE * mask) of each micro-batch, and a training micro-batch adds its denominator
+    (sum(w * mask) for --mile-alpha global, else sum(mask)) to the model's StepNormalization, which divides the
+    step's gradients by the global sum. No data-parallel collective runs here (except the paper's per-micro-batch
+    rule, --mile-alpha official). Report entries [sum, count], summed by Megatron over micro-batches and
+    data-parallel ranks and printed as sum / count: 'lm loss' (plain CE), 'mile loss' (the step's optimised
+    loss, exactly), 'entropy' (mean predictive entropy), 'alpha' (the step's alpha).
     """
     import torch
     from megatron.core import parallel_state
-    from megatron.core.rerun_state_machine import get_rerun_state_machine
     from megatron.training import get_args
 
-    from mile_megatron.loss import mile_loss_with_stats
+    from mile_megatron.loss import mile_loss_terms
 
     args = get_args()
+    if not args.calculate_per_token_loss:
+        raise UsageError("the MiLe loss needs --calculate-per-token-loss: it normalises the step's gradients once "
+                         "over the global batch (mile-pretrain always sets it; add it to the patched script's flags)")
     logits = _inject_nonfinite(output_tensor, model, args)
-    stats = mile_loss_with_stats(
-        logits, labels, loss_mask, kind=args.loss, gamma=args.mile_gamma, sigma=args.mile_sigma,
-        alpha=args.mile_alpha,
-    )
-    loss_sum = stats.loss_sum
-    tokens = stats.num_tokens.detach().float()
-
-    if args.check_for_nan_in_loss_and_grad:
-        # Same checks as Megatron's own GPT loss: a non-finite local loss stops the job.
-        rerun_state_machine = get_rerun_state_machine()
-        for rejection, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-            rerun_state_machine.validate_result(
-                result=loss_sum, rejection_func=rejection,
-                message=f"found {what} in local forward loss calculation", tolerance=0.0, fatal=True,
-            )
-
+    terms = mile_loss_terms(logits, labels, loss_mask, kind=args.loss, gamma=args.mile_gamma,
+                            sigma=args.mile_sigma, alpha=args.mile_alpha)
+    training = model is None or model.training
+    if training and model is not None:
+        _step_normalization_of(model).add(terms.denominator)
+    tokens = terms.num_tokens.detach().float()
+    numerator, denominator = terms.numerator.detach().float(), terms.denominator.detach().float()
+    if args.mile_alpha == "global":
+        alpha = torch.stack([tokens, terms.weight_sum.detach().float()])  # sum(mask) / sum(w * mask)
+    else:
+        alpha = torch.stack([terms.alpha.detach().float() * tokens, tokens])
     report = {
-        "lm loss": torch.stack([stats.ce_sum.detach().float(), tokens]),
-        "mile loss": torch.stack([loss_sum.detach().clone().float(), tokens]),
-        "entropy": torch.stack([stats.entropy_sum.detach().float(), tokens]),
-        "alpha": torch.stack([stats.alpha.detach().float() * tokens, tokens]),
+        "lm loss": torch.stack([terms.ce_sum.detach().float(), tokens]),
+        "mile loss": torch.stack([numerator, denominator]),
+        "entropy": torch.stack([terms.entropy_sum.detach().float(), tokens]),
+        "alpha": alpha,
     }
     if args.mile_loss_log and parallel_state.get_tensor_model_parallel_rank() == 0:
         count = max(float(tokens), 1.0)
-        training = model is None or model.training
         _loss_log.write(
             args.mile_loss_log,
             "train" if training else "valid",
             int(args.curr_iteration) + 1,
             {
                 "dp_rank": parallel_state.get_data_parallel_rank(),
-                "ce": float(stats.ce_sum) / count,
-                "loss": float(loss_sum.detach()) / count,
-                "entropy": float(stats.entropy_sum) / count,
-                "alpha": float(stats.alpha),
+                "ce": float(terms.ce_sum) / count,
+                "loss": float(numerator) / float(denominator) if float(denominator) > 0 else 0.0,
+                "entropy": float(terms.entropy_sum) / count,
+                "alpha": float(alpha[0]) / float(alpha[1]) if float(alpha[1]) > 0 else 1.0,
                 "tokens": int(tokens),
+                "loss_sum": float(numerator),
+                "denominator": float(denominator),
             },
         )
     _hold_if_requested(model, args)
-    return loss_sum, tokens.to(torch.int), report
+    return terms.numerator, tokens.to(torch.int), report
+
+
+def validate_loss(loss: torch.Tensor, args: argparse.Namespace) -> None:
+    """Megatron's own checks on a rank's local loss, as upstream pretrain_gpt.loss_func runs them: NaN and Inf
+    (--check-for-nan-in-loss-and-grad) stop the job; a spike (--check-for-spiky-loss: above SPIKY_LOSS_FACTOR x
+    the largest loss seen so far) is handed to the rerun state machine (not fatal)."""
+    import torch
+    from megatron.core.rerun_state_machine import get_rerun_state_machine
+
+    rerun_state_machine = get_rerun_state_machine()
+    if args.check_for_nan_in_loss_and_grad:
+        for rejection, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
+            rerun_state_machine.validate_result(
+                result=loss, rejection_func=rejection,
+                message=f"found {what} in local forward loss calculation", tolerance=0.0, fatal=True,
+            )
+    if args.check_for_spiky_loss:
+        rerun_state_machine.validate_result(
+            result=loss,
+            rejection_func=partial(rerun_state_machine.is_unexpectedly_large, threshold=SPIKY_LOSS_FACTOR,
+                                   context="loss"),
+            message="Spiky loss", tolerance=0.0, fatal=False,
+        )
+
+
+def logits_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor,
+                     model: Any = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """mile-pretrain's loss_func: mile_loss_func, then validate_loss on its result (Megatron's checks)."""
+    from megatron.training import get_args
+
+    loss, num_tokens, report = mile_loss_func(labels, loss_mask, output_tensor, model)
+    validate_loss(loss, get_args())
+    return loss, num_tokens, report
 
 
 def _hold_if_requested(model: Any, args: argparse.Namespace) -> None:
@@ -491,6 +622,7 @@ def _dumping_loss_func(loss_func: Any, tokens: torch.Tensor, labels: torch.Tenso
             "tokens": tokens.detach().cpu(), "labels": labels.detach().cpu(), "loss_mask": loss_mask.detach().cpu(),
             "logits": output_tensor.detach().cpu().clone(), "loss_sum": loss_sum.detach().cpu().clone(),
             "num_tokens": num_tokens.detach().cpu(), "alpha": report["alpha"].detach().cpu(),
+            "mile_loss": report["mile loss"].detach().cpu(),
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
             "dp_rank": parallel_state.get_data_parallel_rank(),
@@ -509,7 +641,7 @@ def _dumping_loss_func(loss_func: Any, tokens: torch.Tensor, labels: torch.Tenso
 
 
 def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False):
-    """Megatron forward_step_func: logits from the model, loss from logits_loss_func."""
+    """Megatron forward_step_func: vocab-parallel logits from the model, the loss from logits_loss_func."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args, get_timers
 
@@ -520,11 +652,8 @@ def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = Fa
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
     timers("batch-generator").stop()
-    # Logits as a [b, s, V_pad/tp] view, in the model's dtype (Float16Module, present with --bf16 / --fp16, would
-    # otherwise return an fp32 copy; the loss computes in fp32 internally and rounds the gradient once).
-    args = get_args()
-    half_output = {"fp32_output": False} if args.fp16 or args.bf16 else {}
-    logits = model(tokens, position_ids, attention_mask, labels=labels, **half_output)
+    logits = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask,
+                   **model_forward_kwargs(get_args()))
     loss_func = partial(logits_loss_func, labels, loss_mask, model=model)
     if os.environ.get(DUMP_TEST_ENV_VAR):
         loss_func = _dumping_loss_func(loss_func, tokens, labels, loss_mask, model)

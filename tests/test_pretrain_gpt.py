@@ -20,6 +20,7 @@ from mile_megatron.presets import PAPER_DIFFERENCES, PRESETS, preset_flags
 TRAIN_ITERS = 8
 SAVE_AT = 4
 NAN_AT = 5
+FP16_ITERS = 40
 RECOMPUTE = ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1")
 
 
@@ -40,6 +41,10 @@ def run_specs(data: Path) -> dict[str, tuple[int, list[str], dict]]:
         # Plain CE; a NaN is injected at iteration NAN_AT, which Megatron's checks must catch.
         "ce_nan": (1, tiny_flags(data, "--loss", "ce", train_iters=NAN_AT + 1),
                    {"env": {"MILE_MEGATRON_TEST_NONFINITE_ITERATION": str(NAN_AT)}, "expect_success": False}),
+        # fp16 with Megatron's dynamic loss scaler (initial scale 2^16, halved at each overflow).
+        **{f"fp16_{loss}": (1, tiny_flags(data, "--fp16", "--loss", loss, "--initial-loss-scale", "65536",
+                                          train_iters=FP16_ITERS), {})
+           for loss in ("ce", "mile", "focal")},
     }
 
 
@@ -55,6 +60,7 @@ NEEDS = {
     "test_non_finite_loss_is_caught_by_megatron": ["ce_nan"],
     "test_resume_reproduces_the_uninterrupted_losses": ["tp2", "tp1"],
     "test_killed_rank_and_relaunch_reproduce_the_uninterrupted_losses": ["tp2"],
+    "test_fp16_mile_and_focal_train_as_stably_as_cross_entropy": ["fp16_ce", "fp16_mile", "fp16_focal"],
 }
 
 
@@ -63,7 +69,7 @@ def runs(tmp_path_factory, request) -> RunCache:
     workdir = tmp_path_factory.mktemp("megatron_runs")
     cache = RunCache(workdir, write_pattern_dataset(workdir / "pattern"), run_specs(workdir / "pattern"))
     selected = {item.name for item in request.session.items}
-    order = ["tp2pp2", "tp2", "pp2", "dp2_bf16", "tp1", "gamma0", "ce_nan"]
+    order = ["tp2pp2", "tp2", "pp2", "dp2_bf16", "tp1", "gamma0", "ce_nan", "fp16_ce", "fp16_mile", "fp16_focal"]
     cache.prefetch([name for name in order if any(name in NEEDS.get(test, ()) for test in selected)])
     yield cache
     cache.close()
@@ -121,7 +127,8 @@ def test_data_parallel_bf16_recompute_distributed_optimizer_run_converges(runs):
 
 def test_bf16_loss_reads_the_output_layers_logits_without_a_copy(runs):
     """With --bf16 the loss gets the output layer's bf16 [s, b, V] logits as a [b, s, V] view (no fp32 upcast, no
-    transposing copy), its gradient is bf16, and loss_sum equals the float64 reference on those logits."""
+    transposing copy), its gradient is bf16, and the micro-batch's numerator sum(w * CE * mask) and denominator
+    sum(w * mask) equal the float64 reference on those logits."""
     import torch
 
     from mile_megatron import reference as ref
@@ -133,9 +140,11 @@ def test_bf16_loss_reads_the_output_layers_logits_without_a_copy(runs):
     assert logits.dtype == torch.bfloat16 and record["logits_grad"].dtype == torch.bfloat16
     assert logits.stride() == (vocab, micro_batch * vocab, 1), logits.stride()  # [s, b, V] memory order
     tokens = ref.token_losses(logits.double(), labels)
-    alpha = float(record["alpha"][0] / record["alpha"][1])
-    expected = alpha * float((tokens.weight * tokens.ce * mask).sum())
+    expected = float((tokens.weight * tokens.ce * mask).sum())
     assert math.isclose(float(record["loss_sum"]), expected, rel_tol=1e-5), (float(record["loss_sum"]), expected)
+    weight_sum = float((tokens.weight * mask).sum())
+    assert record["mile_loss"].tolist() == pytest.approx([expected, weight_sum], rel=1e-5)
+    assert record["alpha"].tolist() == pytest.approx([float(mask.sum()), weight_sum], rel=1e-5)  # N / sum(w m)
 
 
 def test_tensor_and_pipeline_parallel_run_converges(runs):
@@ -270,3 +279,37 @@ def test_gpu_without_transformer_engine_turns_off_the_fusions_that_need_it(monke
     args = parse_args(pretrain_gpt._add_entry_point_arguments)
     assert args.transformer_impl == "local" and not args.apply_rope_fusion
     assert not args.gradient_accumulation_fusion and not args.masked_softmax_fusion
+
+
+def fp16_steps(run) -> list[dict[str, float]]:
+    """Megatron's per-step log: lm loss (absent on skipped steps), loss scale, skipped and NaN iterations."""
+    steps = []
+    for line in re.findall(r"iteration\s+\d+/\s*\d+ \|.*", run.output):
+        values = {key: float(value) for key, value in re.findall(
+            r"(lm loss|loss scale|number of skipped iterations|number of nan iterations):\s+([-+.\dE]+)", line)}
+        steps.append(values)
+    assert len(steps) == FP16_ITERS, run.describe()
+    return steps
+
+
+def test_fp16_mile_and_focal_train_as_stably_as_cross_entropy(runs):
+    """--fp16 scales the loss dynamically; MiLe's gradient carries w = (1 + H)^gamma <= 1 + ln 64 ~ 5.2 here, so the
+    scaler settles at most ceil(log2(5.2)) + 1 = 4 halvings below cross-entropy's: a few more skipped steps at the
+    start, no NaN step, and the same descent of the cross-entropy."""
+    results = {}
+    for loss in ("ce", "mile", "focal"):
+        run = runs.get(f"fp16_{loss}")
+        steps = fp16_steps(run)
+        trained = [s["lm loss"] for s in steps if "lm loss" in s]
+        results[loss] = {"skipped": sum(s["number of skipped iterations"] for s in steps),
+                         "nan": sum(s["number of nan iterations"] for s in steps),
+                         "scale": steps[-1]["loss scale"], "first": trained[0],
+                         "last": sum(trained[-5:]) / 5}
+    ce = results["ce"]
+    assert ce["last"] < ce["first"] - 2.0, results  # the fp16 cross-entropy run itself trains
+    for loss in ("mile", "focal"):
+        result = results[loss]
+        assert result["nan"] == 0, results
+        assert result["skipped"] <= ce["skipped"] + 4, results
+        assert result["scale"] >= ce["scale"] / 16, results
+        assert result["last"] < ce["last"] + 0.25, results
