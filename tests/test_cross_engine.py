@@ -26,7 +26,7 @@ from megatron_runs import TINY_FLAGS, launch, read_records, run_torchrun, write_
 
 from mile_megatron.convert import to_hf, to_megatron
 from mile_megatron.hf import data
-from mile_megatron.hf.loss import causal_lm_loss
+from mile_megatron.hf.loss import causal_lm_loss_terms
 from mile_megatron.hf.models import build_model, llama_config
 
 RTOL = 1e-5
@@ -102,14 +102,15 @@ def _megatron_dump(run) -> dict:
 
 
 def _hf_loss(model_dir: Path, batch: dict):
-    """HF forward on the batch (fp32) and the hf loss with Megatron's pre-shifted labels and loss mask."""
+    """HF forward on the batch (fp32) and the micro-batch's loss terms (numerator sum(w * CE * mask), denominator
+    sum(w * mask)) with Megatron's pre-shifted labels and loss mask; the numerator back-propagated."""
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     logits = model(input_ids=batch["tokens"], position_ids=batch.get("position_ids")).logits.detach()
     logits.requires_grad_(True)
-    stats = causal_lm_loss(logits, batch["labels"], loss_mask=batch["loss_mask"], shift=False)
-    stats.loss_sum.backward()
+    stats = causal_lm_loss_terms(logits, batch["labels"], loss_mask=batch["loss_mask"], shift=False)
+    stats.numerator.backward()
     return logits, type(stats)(*(value.detach() for value in stats))
 
 
@@ -121,14 +122,16 @@ def test_megatron_tp2_and_hugging_face_give_the_same_loss_and_logits_gradient(en
     dump = _megatron_dump(engines["megatron"])
     logits, stats = _hf_loss(engines["source"], dump)
     assert float(stats.num_tokens) == float(dump["num_tokens"]) > 0
-    print(f"loss_sum Megatron {float(dump['loss_sum']):.6f} HF {float(stats.loss_sum):.6f}; max |logits| "
+    print(f"numerator Megatron {float(dump['loss_sum']):.6f} HF {float(stats.numerator):.6f}; max |logits| "
           f"{float(logits.abs().max()):.3f}, relative logits difference {_relative(logits, dump['logits']):.2e}, "
           f"gradient {_relative(logits.grad, dump['logits_grad']):.2e}")
     assert _relative(logits, dump["logits"]) <= RTOL
-    assert float(stats.loss_sum) == pytest.approx(float(dump["loss_sum"]), rel=RTOL)
-    # Megatron back-propagates d loss_sum / d logits (--calculate-per-token-loss); the same for the HF loss.
+    assert float(stats.numerator) == pytest.approx(float(dump["loss_sum"]), rel=RTOL)
+    assert dump["mile_loss"].tolist() == pytest.approx([float(stats.numerator), float(stats.denominator)], rel=RTOL)
+    # Megatron back-propagates d numerator / d logits (its step normalisation divides afterwards); the same here.
     assert _relative(logits.grad, dump["logits_grad"]) <= RTOL
-    assert 0.05 < float(stats.alpha) < 0.5  # MiLe weights vary: the comparison is not a plain CE
+    alpha = float(stats.num_tokens / stats.weight_sum)
+    assert 0.05 < alpha < 0.5  # MiLe weights vary: the comparison is not a plain CE
 
 
 def test_hugging_face_data_adapter_reads_megatrons_first_micro_batch(engines):
@@ -151,9 +154,9 @@ def test_megatron_checkpoint_continues_training_in_deepspeed(engines):
     assert torch.equal(step["tokens"], megatron["tokens"])  # both engines start at the same sample
     logits, stats = _hf_loss(engines["from_megatron"], step)  # the converted Megatron weights, recomputed here
     assert _relative(step["logits"], logits) <= RTOL
-    assert float(step["loss_sum"]) == pytest.approx(float(stats.loss_sum), rel=RTOL)
+    assert float(step["numerator"]) == pytest.approx(float(stats.numerator), rel=RTOL)
     # Megatron trained one step from the source model: its weights, hence its loss on this batch, moved.
-    assert float(stats.loss_sum) != pytest.approx(float(megatron["loss_sum"]), rel=1e-3)
+    assert float(stats.numerator) != pytest.approx(float(megatron["loss_sum"]), rel=1e-3)
 
 
 def test_deepspeed_export_continues_training_in_megatron(engines):
@@ -163,10 +166,10 @@ def test_deepspeed_export_continues_training_in_megatron(engines):
     dump = _megatron_dump(run)
     logits, stats = _hf_loss(engines["workdir"] / "ds_export", dump)
     assert _relative(logits, dump["logits"]) <= RTOL
-    assert float(stats.loss_sum) == pytest.approx(float(dump["loss_sum"]), rel=RTOL)
+    assert float(stats.numerator) == pytest.approx(float(dump["loss_sum"]), rel=RTOL)
     assert _relative(logits.grad, dump["logits_grad"]) <= RTOL
     first = records[0]
-    assert first["loss"] == pytest.approx(float(stats.loss_sum) / float(stats.num_tokens), rel=RTOL)
+    assert first["loss"] == pytest.approx(float(stats.numerator) / float(stats.denominator), rel=RTOL)
 
 
 @pytest.mark.parametrize("preset, parameters",

@@ -1,12 +1,13 @@
 """End-to-end tests of `mile_megatron.hf.pretrain_ds` (mile-pretrain-ds): real torchrun, DeepSpeed ZeRO-2 on its
 CPU accelerator with gloo, a tiny Hugging Face LLaMA, and a small Megatron indexed dataset.
 
-Three launches are shared by the module (two run at a time):
-  mile    2 processes x 2 accumulated micro-batches of 1 sequence (ZeRO-2), MiLe with alpha "global"; saves at
-          step SAVE_AT and at the end, exports a Hugging Face model
-  acc2    1 process x 2 accumulated micro-batches of 2 sequences: the same global batches, and micro-batch k
-          holds the same two sequences as micro-batch k of both mile ranks together, so alpha "global" (over the
-          data-parallel group of each micro-batch) and the per-token normalisation give the same objective
+Five launches are shared by the module (two run at a time), all MiLe with alpha "global" on the same global
+batches of 4 sequences, so all optimise the same step objective sum(w * CE * mask) / sum(w * mask):
+  mile    2 processes x 2 accumulated micro-batches of 1 sequence (ZeRO-2); saves at step SAVE_AT and at the
+          end, exports a Hugging Face model
+  acc4    1 process x 4 accumulated micro-batches of 1 sequence (ZeRO-2)
+  zero3   2 processes x 2 accumulated micro-batches (ZeRO-3: the gradient division on each rank's partitions)
+  single  1 process x 1 micro-batch of 4 sequences (ZeRO-0: the denominator is known before the only backward)
   resume  2 processes, resumes a copy of mile's step-SAVE_AT checkpoint and trains to the end
 The entry's test-only dump (MILE_MEGATRON_TEST_DS_DUMP_DIR) gives the first step's logits, loss statistics and
 logits gradients, checked against the float64 reference, and the trained model's logits on a fixed batch,
@@ -70,7 +71,7 @@ class DsRun:
         return f"run {self.name!r} exited {self.returncode}; output tail:\n{self.output[-12000:]}"
 
 
-def launch(root: Path, name: str, nproc: int, flags: list[str]) -> DsRun:
+def launch(root: Path, name: str, nproc: int, flags: list[str], expect_success: bool = True) -> DsRun:
     workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
     flags = [*flags, "--loss-log", str(workdir / "loss.jsonl"), "--data-cache-path", str(workdir / "cache")]
@@ -78,7 +79,7 @@ def launch(root: Path, name: str, nproc: int, flags: list[str]) -> DsRun:
                                       env={"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "dump")},
                                       timeout=LAUNCH_TIMEOUT_S)
     run = DsRun(name, workdir, returncode, output)
-    if run.returncode != 0:
+    if expect_success and run.returncode != 0:
         raise AssertionError(run.describe())
     return run
 
@@ -104,8 +105,14 @@ class Runs:
             "--micro-batch-size", "1", "--save", str(workdir / "ckpt"), "--save-interval", str(SAVE_AT),
             "--export-hf", str(workdir / "hf")))
 
-    def _acc2(self) -> DsRun:
-        return launch(self.root, "acc2", 1, self._flags("--micro-batch-size", "2"))
+    def _acc4(self) -> DsRun:
+        return launch(self.root, "acc4", 1, self._flags("--micro-batch-size", "1"))
+
+    def _zero3(self) -> DsRun:
+        return launch(self.root, "zero3", 2, self._flags("--micro-batch-size", "1", "--zero-stage", "3"))
+
+    def _single(self) -> DsRun:
+        return launch(self.root, "single", 1, self._flags("--micro-batch-size", "4", "--zero-stage", "0"))
 
     def _resume(self) -> DsRun:
         source = self.get("mile").workdir / "ckpt"
@@ -115,8 +122,23 @@ class Runs:
         (target / "latest").write_text(tag)
         return launch(self.root, "resume", 2, self._flags("--micro-batch-size", "1", "--load", str(target)))
 
+    def _nonfinite(self) -> DsRun:
+        """mile's flags from a model whose embedding row of one token is NaN, a token that only rank 1's step-1
+        micro-batches hold (read from mile's dumps): rank 1's loss is NaN, rank 0's finite."""
+        from mile_megatron.hf.models import build_model, llama_config
+
+        dumps = load_step1(self.get("mile"), ranks=2, micro_batches=2)
+        seen = [set(torch.cat([d["tokens"].view(-1) for d in rank]).tolist()) for rank in dumps]
+        token = min(seen[1] - seen[0])
+        model = build_model(llama_config("tiny", VOCAB, seq_length=32), seed=7)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[token] = float("nan")
+        model.save_pretrained(self.root / "nan_model")
+        return launch(self.root, "nonfinite", 2, self._flags("--micro-batch-size", "1", "--hf-init",
+                                                             str(self.root / "nan_model")), expect_success=False)
+
     def start(self) -> None:
-        for name in ("data", "mile", "acc2", "resume"):  # a job waits inside its worker for what it needs
+        for name in ("data", "mile", "acc4", "zero3", "single", "resume", "nonfinite"):  # a job waits inside its worker for what it needs
             self.get_future(name)
 
     def get_future(self, name: str) -> Future:
@@ -134,9 +156,10 @@ class Runs:
 
 NEEDS_LAUNCHES = {"test_two_process_zero2_run_trains_and_logs",
                   "test_first_step_loss_alpha_and_gradient_match_reference",
-                  "test_two_processes_equal_one_process_with_gradient_accumulation",
+                  "test_every_split_of_the_global_batch_and_zero_stage_optimises_the_same_objective",
                   "test_resume_reproduces_the_uninterrupted_run",
-                  "test_exported_model_reproduces_the_trained_logits"}
+                  "test_exported_model_reproduces_the_trained_logits",
+                  "test_non_finite_loss_on_one_rank_stops_every_rank"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -150,11 +173,12 @@ def runs(tmp_path_factory, request) -> Runs:
     cache.close()
 
 
-def assert_same_records(reference: DsRun, other: DsRun, iterations, tolerance: float) -> None:
+def assert_same_records(reference: DsRun, other: DsRun, iterations, tolerance: float,
+                        fields=("ce", "loss", "entropy", "alpha", "grad_norm", "lr")) -> None:
     expected, actual = reference.by_iteration(), other.by_iteration()
     for iteration in iterations:
         assert iteration in actual, f"{other.name} has no record of iteration {iteration}:\n{other.describe()}"
-        for field in ("ce", "loss", "entropy", "alpha", "grad_norm", "lr"):
+        for field in fields:
             expected_value = pytest.approx(expected[iteration][field], rel=tolerance, abs=tolerance)
             assert actual[iteration][field] == expected_value, (
                 f"{field} differs at iteration {iteration}: {reference.name}={expected[iteration][field]!r} "
@@ -498,48 +522,55 @@ def test_two_process_zero2_run_trains_and_logs(runs):
 
 
 def test_first_step_loss_alpha_and_gradient_match_reference(runs):
-    """alpha "global" is shared over the data-parallel group of each micro-batch, and the gradient reaching
-    the logits is that of the per-token objective: dp_size * d(sum alpha w CE) / N, N = the step's tokens."""
+    """Step 1 of `mile` against float64: each micro-batch's numerator sum(w * CE * mask) and denominator
+    sum(w * mask), the gradient reaching its logits (coefficient dp_size / N times d numerator / d logits), and the
+    logged step loss and alpha over all four micro-batches of both ranks (alpha = N / sum(w * mask))."""
     run = runs.get("mile")
-    dumps = load_step1(run, ranks=2, micro_batches=2)
-    total = sum(float(d["loss_mask"].sum()) for rank in dumps for d in rank)
+    dumps = [d for rank in load_step1(run, ranks=2, micro_batches=2) for d in rank]
+    batches = [RefBatch(d["logits"].double(), d["labels"], d["loss_mask"]) for d in dumps]
+    total = sum(float(d["loss_mask"].sum()) for d in dumps)
     assert total < 128, "some positions should be masked"
-    loss_sum = ce_sum = 0.0
-    for micro in (0, 1):
-        pair = [dumps[rank][micro] for rank in (0, 1)]
-        reference = mile_loss_reference([RefBatch(d["logits"].double(), d["labels"], d["loss_mask"]) for d in pair],
-                                        kind="mile", alpha="global")
-        for rank, (dump, expected) in enumerate(zip(pair, reference)):
-            where = f"rank {rank}, micro-batch {micro}"
-            assert dump["dp_size"] == 2 and dump["accumulation"] == 2
-            assert float(dump["total_tokens"]) == total, where
-            assert float(dump["alpha"]) == pytest.approx(expected.alpha, rel=1e-6), where
-            assert float(dump["loss_sum"]) == pytest.approx(expected.loss_sum, rel=1e-5), where
-            assert float(dump["entropy_sum"]) == pytest.approx(expected.entropy_sum, rel=1e-5), where
-            torch.testing.assert_close(dump["logits_grad"].double(), 2 * expected.loss_sum_grad / total,
-                                       rtol=1e-4, atol=1e-9, msg=where)
-            loss_sum += expected.loss_sum
-            ce_sum += expected.ce_sum
+    step = mile_loss_reference(batches, kind="mile", alpha="global")  # alpha over the whole step
+    numerators = mile_loss_reference(batches, kind="mile", alpha="none")
+    for index, (dump, expected) in enumerate(zip(dumps, numerators)):
+        where = f"rank {index // 2}, micro-batch {index % 2}"
+        assert dump["dp_size"] == 2 and dump["accumulation"] == 2
+        assert float(dump["total_tokens"]) == total, where
+        assert float(dump["alpha"]) == 1.0, where  # global: alpha comes from the step's sums, not per micro-batch
+        assert float(dump["numerator"]) == pytest.approx(expected.loss_sum, rel=1e-5), where
+        weight_sum = float((expected.tokens.weight * dump["loss_mask"].double()).sum())
+        assert float(dump["denominator"]) == pytest.approx(weight_sum, rel=1e-5), where
+        assert float(dump["entropy_sum"]) == pytest.approx(expected.entropy_sum, rel=1e-5), where
+        assert float(dump["coefficient"]) == pytest.approx(2 / total, rel=1e-12), where
+        torch.testing.assert_close(dump["logits_grad"].double(), 2 / total * expected.loss_sum_grad,
+                                   rtol=1e-4, atol=1e-9, msg=where)
     logged = run.by_iteration()[1]
     assert logged["tokens"] == total
-    assert logged["loss"] == pytest.approx(loss_sum / total, rel=1e-5)
-    assert logged["ce"] == pytest.approx(ce_sum / total, rel=1e-5)
+    assert logged["alpha"] == pytest.approx(step[0].alpha, rel=1e-6)
+    assert logged["loss"] == pytest.approx(sum(r.loss_sum for r in step) / total, rel=1e-5)
+    assert logged["ce"] == pytest.approx(sum(r.ce_sum for r in step) / total, rel=1e-5)
 
 
-def test_two_processes_equal_one_process_with_gradient_accumulation(runs):
-    mile, acc2 = runs.get("mile"), runs.get("acc2")
-    assert "accumulation 2 x 1 = global batch 4" in acc2.output and "accumulation 2 x 2 = global batch 4" in mile.output
-    assert_same_records(mile, acc2, range(1, TRAIN_ITERS + 1), tolerance=2e-5)
-    # Micro-batch k of the single process holds the sequences of micro-batch k of rank 0 and rank 1.
-    single, pairs = load_step1(acc2, ranks=1, micro_batches=2)[0], load_step1(mile, ranks=2, micro_batches=2)
-    total = sum(float(d["loss_mask"].sum()) for d in single)
-    for micro, dump in enumerate(single):
-        assert torch.equal(dump["tokens"], torch.cat([pairs[0][micro]["tokens"], pairs[1][micro]["tokens"]]))
-        assert float(dump["total_tokens"]) == total
-        (expected,) = mile_loss_reference(RefBatch(dump["logits"].double(), dump["labels"], dump["loss_mask"]),
-                                          kind="mile", alpha="global")
-        assert float(dump["alpha"]) == pytest.approx(expected.alpha, rel=1e-6)
-        torch.testing.assert_close(dump["logits_grad"].double(), expected.loss_sum_grad / total, rtol=1e-4, atol=1e-9)
+def test_every_split_of_the_global_batch_and_zero_stage_optimises_the_same_objective(runs):
+    """2 ranks x 2 micro-batches (ZeRO-2), 1 rank x 4 (ZeRO-2), 2 x 2 with ZeRO-3 and 1 x 1 micro-batch of 4
+    (ZeRO-0): the same per-step loss, alpha, gradient norm and trained weights. A per-micro-batch alpha would make
+    each split a different objective (the paper code's rule, --mile-alpha official)."""
+    mile = runs.get("mile")
+    assert "accumulation 2 x 2 = global batch 4" in mile.output
+    for name, fields in (("acc4", None), ("zero3", None), ("single", ("ce", "loss", "entropy", "alpha", "lr"))):
+        other = runs.get(name)
+        assert_same_records(mile, other, range(1, TRAIN_ITERS + 1), tolerance=2e-5,
+                            **({"fields": fields} if fields else {}))
+        # The trained models' logits on the dataset's first sequence (the final dump holds a micro-batch).
+        torch.testing.assert_close(other.dump("final_rank0")["logits"][:1], mile.dump("final_rank0")["logits"],
+                                   rtol=0, atol=2e-5, msg=f"{name} ends with other weights")
+    assert "accumulation 4 x 1 = global batch 4" in runs.get("acc4").output
+    assert "ZeRO stage 3" in runs.get("zero3").output
+    assert "accumulation 1 x 1 = global batch 4" in runs.get("single").output
+    # The micro-batches of the single process hold the sequences of both ranks' micro-batches.
+    single = load_step1(runs.get("acc4"), ranks=1, micro_batches=4)[0]
+    pairs = load_step1(mile, ranks=2, micro_batches=2)
+    assert all(torch.equal(single[2 * k + r]["tokens"], pairs[r][k]["tokens"]) for k in (0, 1) for r in (0, 1))
 
 
 def test_exported_model_reproduces_the_trained_logits(runs):
@@ -566,3 +597,13 @@ def test_resume_reproduces_the_uninterrupted_run(runs):
     assert_same_records(reference, resumed, range(SAVE_AT + 1, TRAIN_ITERS + 1), tolerance=1e-6)
     torch.testing.assert_close(resumed.dump("final_rank0")["logits"], reference.dump("final_rank0")["logits"],
                                rtol=0, atol=1e-5, msg="the resumed run ends with other weights")
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(runs):
+    """A NaN loss on rank 1 only: both ranks stop at step 1 with the same message, before any update, instead of
+    rank 0 waiting in a collective until the communication timeout."""
+    run = runs.get("nonfinite")
+    assert run.returncode != 0, run.describe()
+    for rank in (0, 1):
+        assert f"non-finite loss at iteration 1 on rank {rank}" in run.output, run.describe()
+    assert run.records == [], "no step may complete"

@@ -16,6 +16,9 @@ alpha (mile_megatron.loss): "global" = sum(mask) / sum(w * mask) over this micro
 dp_group (dp_group None: this process only), "official" = the paper's code, "none" = 1. The logits are never
 sharded here: the tensor-parallel group is "none", never Megatron's even when Megatron is initialised in the
 same process.
+
+causal_lm_loss_terms gives a micro-batch's numerator and denominator instead (mile_megatron.loss.MileLossTerms),
+for trainers that normalise over a whole optimizer step of accumulated micro-batches (mile-pretrain-ds).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from typing import Any
 
 import torch
 
-from mile_megatron.loss import ALPHA_MODES, LOSS_KINDS, MileLossStats, mile_loss_with_stats
+from mile_megatron.loss import (MileLossStats, MileLossTerms, mile_loss_terms, mile_loss_with_stats,
+                                validate_loss_settings)
 from mile_megatron.parallel import NO_GROUP, ProcessGroup
 
 IGNORE_INDEX = -100
@@ -44,6 +48,24 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor |
             loss_mask = torch.nn.functional.pad(loss_mask[..., 1:], (0, 1), value=0)
         return logits, shifted, loss_mask
     return logits[..., :-1, :], labels[..., 1:], None if loss_mask is None else loss_mask[..., 1:]
+
+
+def _aligned(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int,
+             shift: bool, keep_positions: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, labels, float mask) aligned position by position, on the logits' device."""
+    if logits.dim() < 2 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits shape without the vocabulary "
+                         f"dimension, {tuple(logits.shape[:-1])} (logits are [batch, sequence, vocabulary])")
+    if loss_mask is not None and tuple(loss_mask.shape) != tuple(labels.shape):
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the labels shape {tuple(labels.shape)}")
+    labels = labels.to(logits.device)
+    if loss_mask is not None:
+        loss_mask = loss_mask.to(logits.device)
+    if shift:
+        logits, labels, loss_mask = _shift(logits, labels, loss_mask, ignore_index, keep_positions)
+    mask = labels != ignore_index
+    mask = mask.float() if loss_mask is None else mask.float() * loss_mask.float()
+    return logits, labels, mask
 
 
 def causal_lm_loss(
@@ -70,23 +92,8 @@ def causal_lm_loss(
     (None: this process only). Returns MileLossStats: loss (differentiable; loss_sum / num_items_in_batch when
     given), loss_sum, ce_sum, entropy_sum, num_tokens (this process's counted tokens), alpha.
     """
-    if kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
-    if alpha not in ALPHA_MODES:
-        raise ValueError(f"unknown alpha mode {alpha!r}; choose one of {', '.join(ALPHA_MODES)}")
-    if logits.dim() < 2 or tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal the logits shape without the vocabulary "
-                         f"dimension, {tuple(logits.shape[:-1])} (logits are [batch, sequence, vocabulary])")
-    if loss_mask is not None and tuple(loss_mask.shape) != tuple(labels.shape):
-        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} must equal the labels shape {tuple(labels.shape)}")
-    labels = labels.to(logits.device)
-    if loss_mask is not None:
-        loss_mask = loss_mask.to(logits.device)
-    if shift:
-        logits, labels, loss_mask = _shift(logits, labels, loss_mask, ignore_index,
-                                           keep_positions=alpha != "official")
-    mask = labels != ignore_index
-    mask = mask.float() if loss_mask is None else mask.float() * loss_mask.float()
+    validate_loss_settings(kind, alpha, gamma, sigma)
+    logits, labels, mask = _aligned(logits, labels, loss_mask, ignore_index, shift, keep_positions=alpha != "official")
     stats = mile_loss_with_stats(logits, labels, mask, kind=kind, gamma=gamma, sigma=sigma, alpha=alpha,
                                  tp_group=NO_GROUP, dp_group=NO_GROUP if dp_group is None else dp_group)
     if num_items_in_batch is None:
@@ -96,6 +103,27 @@ def causal_lm_loss(
     count = torch.as_tensor(num_items_in_batch, device=stats.loss_sum.device).to(stats.loss_sum.dtype)
     loss = stats.loss_sum / torch.where(count > 0, count, torch.ones_like(count))
     return stats._replace(loss=loss)
+
+
+def causal_lm_loss_terms(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kind: str = "mile",
+    gamma: float = 1.0,
+    sigma: float = 1.0,
+    alpha: str = "global",
+    ignore_index: int = IGNORE_INDEX,
+    dp_group: ProcessGroup = None,
+    shift: bool = True,
+    loss_mask: torch.Tensor | None = None,
+) -> MileLossTerms:
+    """A causal LM micro-batch's numerator and denominator of the step loss (mile_megatron.loss.mile_loss_terms):
+    labels, shift and masks as in causal_lm_loss; no data-parallel collective unless alpha is "official"."""
+    validate_loss_settings(kind, alpha, gamma, sigma)
+    logits, labels, mask = _aligned(logits, labels, loss_mask, ignore_index, shift, keep_positions=alpha != "official")
+    return mile_loss_terms(logits, labels, mask, kind=kind, gamma=gamma, sigma=sigma, alpha=alpha,
+                           tp_group=NO_GROUP, dp_group=NO_GROUP if dp_group is None else dp_group)
 
 
 def _detached(stats: MileLossStats) -> MileLossStats:
@@ -114,10 +142,7 @@ class MileCausalLMLoss:
 
     def __init__(self, kind: str = "mile", gamma: float = 1.0, sigma: float = 1.0, alpha: str = "global",
                  dp_group: ProcessGroup = None) -> None:
-        if kind not in LOSS_KINDS:
-            raise ValueError(f"unknown loss kind {kind!r}; choose one of {', '.join(LOSS_KINDS)}")
-        if alpha not in ALPHA_MODES:
-            raise ValueError(f"unknown alpha mode {alpha!r}; choose one of {', '.join(ALPHA_MODES)}")
+        validate_loss_settings(kind, alpha, gamma, sigma)
         self.kind, self.gamma, self.sigma, self.alpha, self.dp_group = kind, gamma, sigma, alpha, dp_group
         self.last_stats: MileLossStats | None = None
 

@@ -25,19 +25,22 @@ rate per optimizer step n = 0, 1, ... (Megatron's schedule, so both engines step
     n <= W:  lr * n / W                                   (linear warmup from 0; W = --lr-warmup-iters)
     n >  W:  min_lr + (lr - min_lr) * (1 + cos(pi * (n - W) / (T - W))) / 2        (T = --train-iters)
 
-Objective of one optimizer step (Megatron's --calculate-per-token-loss), over the global batch
-(micro-batch x gradient-accumulation steps x data-parallel ranks):
-    L = sum_{micro-batches, ranks, tokens} alpha * w * CE * mask / N,    N = counted tokens of the global batch
-N is known before the first backward (the step's micro-batches are read first and their masks summed over
-the data-parallel group). Each micro-batch back-propagates dp_size * loss_sum / N with DeepSpeed's own 1/gas
-scaling off; DeepSpeed's data-parallel gradient average divides by dp_size, so the reduced gradient is dL.
-Hence 2 ranks x 1 micro-batch and 1 rank x 2 accumulation steps optimise the same L (alpha "none"/"ce";
-alpha "global" shares alpha over the data-parallel group of each micro-batch, as in mile-pretrain).
+Objective of one optimizer step, over the global batch (micro-batch x gradient-accumulation steps x
+data-parallel ranks), exactly as mile-pretrain (mile_megatron.loss, module docstring):
+    L = sum_{micro-batches, ranks, tokens} alpha * w * CE * mask / D
+    D = sum(w * mask) for --mile-alpha global (alpha = N / D),  D = N = the counted tokens otherwise
+so 2 ranks x 2 micro-batches, 1 rank x 4 micro-batches and 4 ranks x 1 micro-batch optimise the same L. Each
+micro-batch back-propagates its numerator with no data-parallel collective in the forward (except the paper's
+per-micro-batch rule, --mile-alpha official); see train_step for how the gradients are divided by D. With ZeRO-1/2
+(and bf16 ZeRO-0), alpha global and gradient accumulation, that division reads every gradient through DeepSpeed's
+public API (deepspeed.utils.safe_update_full_grad_vectorized): one extra all-reduce of the gradients per step.
+ZeRO-3, one micro-batch per step, --mile-alpha none/official and --loss ce need none.
 
 Logged every step (rank 0): a JSON line to --loss-log {"iteration", "consumed_samples", "lr", "ce", "loss",
-"entropy", "alpha", "tokens", "grad_norm", "step_seconds", "tokens_per_second"} where ce / loss / entropy are
-means over the step's counted tokens of all ranks (loss = L above) and alpha the token-weighted mean; and
-every --log-interval steps a text line on stdout.
+"entropy", "alpha", "tokens", "grad_norm", "step_seconds", "tokens_per_second"} where ce / entropy are means
+over the step's counted tokens of all ranks, loss = L above and alpha the step's alpha (N / D for global, the
+token-weighted mean of the per-micro-batch values for official); and every --log-interval steps a text line on
+stdout.
 
 Checkpoints: engine.save_checkpoint(DIR, tag="iter_NNNNNNN", client_state={iteration, consumed_samples, args})
 every --save-interval steps and at the end, DeepSpeed's layout (DIR/latest names the newest tag; model,
@@ -82,6 +85,7 @@ from typing import Any
 from mile_megatron.data.fsutil import append_json_line
 from mile_megatron.presets import PRESET_NAMES
 from mile_megatron.pretrain_gpt import ALPHA_CHOICES, LOSS_CHOICES, non_negative_float
+from mile_megatron.settings import env_flag
 
 ZERO_STAGES = (0, 1, 2, 3)
 CONFIG_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
@@ -236,7 +240,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             setattr(args, name, value)
     args.eod_mask_loss = bool(args.eod_mask_loss)
     args.gradient_checkpointing = bool(args.gradient_checkpointing)
-    args.cpu = args.cpu or os.environ.get(CPU_ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    args.cpu = args.cpu or env_flag(CPU_ENV_VAR, False)
     return args
 
 
@@ -711,41 +715,75 @@ class _Dump:
                     "logits": logits.float().cpu()}, os.path.join(self.directory, f"final_rank{self.rank}.pt"))
 
 
+def scale_gradients(engine: Any, factor: float) -> None:
+    """Multiply the step's accumulated (reduced) gradients by `factor`, through DeepSpeed's public gradient API
+    (deepspeed.utils), after the accumulation boundary's backward and before engine.step() (so clipping and the
+    update see the scaled gradients). ZeRO-3: each rank's own gradient partitions (no communication). ZeRO 0-2:
+    safe_update_full_grad_vectorized, which reads each partitioned fp32 gradient whole (one all-reduce of the
+    gradients per step for ZeRO-1/2 and bf16; local for fp32 ZeRO-0)."""
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad, safe_update_full_grad_vectorized
+
+    parameters = [p for p in engine.module.parameters() if p.requires_grad]
+    if engine.zero_optimization_partition_weights():
+        for parameter in parameters:
+            safe_set_local_grad(parameter, safe_get_local_grad(parameter) * factor)
+    else:
+        safe_update_full_grad_vectorized(parameters, lambda grad, _: grad * factor)
+
+
 def train_step(engine: Any, step_batches: list[dict], args: argparse.Namespace, device: Any, dp_group: Any,
                iteration: int, dump: _Dump | None) -> Any:
-    """One optimizer step over this rank's micro-batches; returns [ce, loss, entropy, alpha x tokens, tokens]
-    summed over the step's micro-batches and the data-parallel group (float64, on the CPU)."""
+    """One optimizer step over this rank's micro-batches; returns [ce, numerator, entropy, alpha x tokens, tokens,
+    denominator] summed over the step's micro-batches and the data-parallel group (float64, on the CPU).
+
+    The objective is the step loss of mile_megatron.loss (module docstring): each micro-batch back-propagates
+    c * numerator with c = dp_size / N (N: the step's counted tokens, known before the first backward; DeepSpeed's
+    data-parallel average divides by dp_size), with DeepSpeed's 1/gas scaling off. After the last forward one
+    all-reduce gives the step's sums (every rank then sees the same finite/non-finite verdict). With alpha
+    "global" the denominator sum(w * mask) is known only then: with one micro-batch per step c becomes
+    dp_size / sum(w * mask) before the only backward; with accumulation the gradients are scaled by
+    N / sum(w * mask) before engine.step() (scale_gradients)."""
     import torch
     import torch.distributed as dist
 
-    from mile_megatron.hf.loss import causal_lm_loss
+    from mile_megatron.hf.loss import causal_lm_loss_terms
 
     dp_size = dist.get_world_size()
     # N: counted tokens of the global batch, known before the first backward.
     total_tokens = torch.stack([b["loss_mask"].sum() for b in step_batches]).sum().double().to(device)
     if dp_size > 1:
         dist.all_reduce(total_tokens, group=dp_group)
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    coefficient = dp_size / torch.clamp(total_tokens, min=1.0)
+    rescale = args.mile_alpha == "global" and args.loss != "ce"  # denominator sum(w * mask) != N
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     for micro, batch in enumerate(step_batches):
+        last = micro == len(step_batches) - 1
         logits = engine(input_ids=batch["tokens"].to(device), position_ids=batch["position_ids"].to(device),
                         use_cache=False).logits
-        stats = causal_lm_loss(logits, batch["labels"].to(device), kind=args.loss, gamma=args.mile_gamma,
-                               sigma=args.mile_sigma, alpha=args.mile_alpha, dp_group=dp_group, shift=False,
-                               loss_mask=batch["loss_mask"].to(device), num_items_in_batch=total_tokens)
-        after_backward = (dump.micro_batch(micro, batch, logits, stats, total_tokens=total_tokens, dp_size=dp_size,
-                                           accumulation=len(step_batches)) if dump else lambda: None)
-        # stats.loss = loss_sum / N; DeepSpeed then averages the gradients over the dp_size ranks.
-        engine.backward(stats.loss * dp_size, scale_wrt_gas=False)
+        terms = causal_lm_loss_terms(logits, batch["labels"].to(device), kind=args.loss, gamma=args.mile_gamma,
+                                     sigma=args.mile_sigma, alpha=args.mile_alpha, dp_group=dp_group, shift=False,
+                                     loss_mask=batch["loss_mask"].to(device))
+        tokens = terms.num_tokens.detach().double()
+        sums += torch.stack([terms.ce_sum.detach().double(), terms.numerator.detach().double(),
+                             terms.entropy_sum.detach().double(), terms.alpha.detach().double() * tokens, tokens,
+                             terms.denominator.detach().double()])
+        if last:
+            if dp_size > 1:
+                dist.all_reduce(sums, group=dp_group)
+            if not bool(torch.isfinite(sums).all()):  # the same verdict on every rank: all stop, none hangs
+                raise RuntimeError(f"non-finite loss at iteration {iteration + 1} on rank {dist.get_rank()} (the "
+                                   f"step's sums over all {dp_size} data-parallel ranks: {sums.tolist()}); "
+                                   "stopping before the update")
+            if rescale and len(step_batches) == 1:
+                coefficient, rescale = dp_size / torch.clamp(sums[5], min=1e-30), False
+        after_backward = (dump.micro_batch(micro, batch, logits, terms, total_tokens=total_tokens, dp_size=dp_size,
+                                           accumulation=len(step_batches), coefficient=coefficient)
+                          if dump else lambda: None)
+        engine.backward(terms.numerator * coefficient.to(terms.numerator.dtype), scale_wrt_gas=False)
         after_backward()
-        tokens = stats.num_tokens.detach().double()
-        sums += torch.stack([stats.ce_sum.detach().double(), stats.loss_sum.detach().double(),
-                             stats.entropy_sum.detach().double(), stats.alpha.detach().double() * tokens, tokens])
-        if micro == len(step_batches) - 1 and not torch.isfinite(sums[1]):
-            # Checked before the accumulation boundary's engine.step(), so no update applies the bad gradient.
-            raise RuntimeError(f"non-finite loss at iteration {iteration + 1} on rank {dist.get_rank()}; stopping")
+        if last and rescale:
+            scale_gradients(engine, float(sums[4] / torch.clamp(sums[5], min=1e-30)))
         engine.step()
-    if dp_size > 1:
-        dist.all_reduce(sums, group=dp_group)
     return sums.cpu()
 
 
@@ -809,6 +847,12 @@ def train(args: argparse.Namespace) -> None:
             f"{args.mile_alpha}); optimizer {optimizer_name}"
             f"; {parameters / 1e6:.2f}M parameters")
 
+    if (args.mile_alpha == "global" and args.loss != "ce" and accumulation > 1
+            and (engine.zero_optimization_stage() in (1, 2) or args.precision == "bf16")
+            and not engine.zero_optimization_partition_weights()):
+        _print0("[mile-pretrain-ds] note: --mile-alpha global with gradient accumulation divides the step's "
+                "gradients by sum(w * mask) through DeepSpeed's public gradient API: one extra all-reduce of the "
+                "gradients per step with this ZeRO stage (none with ZeRO-3 or one micro-batch per step)")
     iteration, consumed_samples = load_checkpoint(engine, args)
     dump = _Dump(rank)
     if iteration < args.train_iters:
@@ -832,10 +876,11 @@ def train(args: argparse.Namespace) -> None:
             seconds = time.perf_counter() - started
             count = max(float(sums[4]), 1.0)
             grad_norm = engine.get_global_grad_norm()
+            alpha = float(sums[4] / sums[5]) if args.mile_alpha == "global" and sums[5] > 0 else float(sums[3]) / count
             record = {
                 "iteration": iteration, "consumed_samples": consumed_samples, "lr": lr,
-                "ce": float(sums[0]) / count, "loss": float(sums[1]) / count, "entropy": float(sums[2]) / count,
-                "alpha": float(sums[3]) / count, "tokens": int(sums[4]),
+                "ce": float(sums[0]) / count, "loss": float(sums[1] / sums[5]) if sums[5] > 0 else 0.0,
+                "entropy": float(sums[2]) / count, "alpha": alpha, "tokens": int(sums[4]),
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "step_seconds": seconds, "tokens_per_second": args.global_batch_size * args.seq_length / seconds,
             }
