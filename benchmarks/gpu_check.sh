@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU session for issue 6 (fused loss kernels): GPU tests, the loss benchmark and the
-# pretraining-step benchmark, each under a timeout, ~8 minutes in all on one H100 / H200.
+# The one prepared GPU session: GPU tests, mile-selfcheck on CUDA (Triton kernels; NCCL with 2+ GPUs), the loss
+# benchmark and the pretraining-step benchmark, each under a timeout, ~8 minutes in all on one H100 / H200.
 #
 #   tools/bootstrap.sh && bash benchmarks/gpu_check.sh
 #   OUT=/some/dir PYTHON=/path/to/python bash benchmarks/gpu_check.sh
@@ -58,6 +58,7 @@ gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null
 
 # 1. GPU tests (the kernel tests run at full size when CUDA is present).
 step pytest 90 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_loss_api.py
+step selfcheck 60 "$PYTHON" -m mile_megatron.selfcheck --device cuda
 # 2. Loss benchmark (writes its JSON after every shape, so a timeout keeps the finished shapes).
 step loss_bench 140 "$PYTHON" benchmarks/loss_bench.py --json "$out/loss_bench.json"
 if [[ "$gpus" -ge 2 ]]; then
@@ -68,7 +69,7 @@ fi
 step pretrain_step_bench 260 "$PYTHON" benchmarks/pretrain_step_bench.py --json "$out/pretrain_step_bench.json" \
     --log-dir "$out/logs/pretrain_runs" --timeout 110
 
-for name in loss_bench loss_bench_tp2 pretrain_step_bench; do
+for name in selfcheck loss_bench loss_bench_tp2 pretrain_step_bench; do
     if [[ -f "$out/logs/$name.log" ]]; then
         note ""
         note "== $name"
