@@ -44,7 +44,7 @@ def write_megatron_checkpoint(directory: Path, layers: int, args: argparse.Names
              "--save", str(directory), "--save-interval", "1"]
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
-                          "--nproc-per-node", "2", "-m", "mile_megatron.pretrain_gpt", *flags],
+                          "--nproc-per-node", "2", "-m", "mile_megatron.engines.megatron", *flags],
                          capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"mile-pretrain failed for {layers} layers:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")

@@ -58,7 +58,7 @@ gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null
 
 # 1. GPU tests (the kernel tests run at full size when CUDA is present).
 step pytest 90 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_loss_api.py
-step selfcheck 60 "$PYTHON" -m mile_megatron.selfcheck --device cuda
+step selfcheck 60 "$PYTHON" -m mile_megatron.apps.selfcheck --device cuda
 # 2. Loss benchmark (writes its JSON after every shape, so a timeout keeps the finished shapes).
 step loss_bench 140 "$PYTHON" benchmarks/loss_bench.py --json "$out/loss_bench.json"
 if [[ "$gpus" -ge 2 ]]; then

@@ -68,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import mile_megatron  # noqa: E402
 from mile_megatron.loss import mile_loss  # noqa: E402
+from mile_megatron.loss import settings as loss_settings  # noqa: E402
 
 DEFAULT_SHAPES = ("16384x32000", "8192x128256", "16384x4000")
 SMOKE_SHAPES = ("64x1000", "48x257")
@@ -138,54 +139,18 @@ class Skip(Exception):
     """This method cannot run in this setting (missing library, CPU, TP); not a failure."""
 
 
-class Missing(Exception):
-    """This method was asked for but what it needs is missing from this checkout: a failure."""
-
-
-def _backend_setter():
-    setter = getattr(mile_megatron, "set_loss_backend", None)
-    if setter is None:
-        try:
-            from mile_megatron import kernels
-            setter = getattr(kernels, "set_loss_backend", None)
-        except ImportError:
-            setter = None
-    return setter
-
-
-def _inplace_setter():
-    setter = getattr(mile_megatron, "set_inplace_backward", None)
-    if setter is None:
-        try:
-            from mile_megatron import kernels
-            setter = getattr(kernels, "set_inplace_backward", None)
-        except ImportError:
-            setter = None
-    return setter
-
-
-def backend_in_use(device: torch.device) -> str | None:
-    """What mile_megatron.kernels.loss_backend says it runs on `device` (None before the kernels exist)."""
-    try:
-        from mile_megatron import kernels
-    except ImportError:
-        return None
-    chooser = getattr(kernels, "loss_backend", None)
-    return chooser(device) if chooser is not None else None
+def backend_in_use(device: torch.device) -> str:
+    """What mile_megatron.loss.settings.loss_backend says it runs on `device`."""
+    return loss_settings.loss_backend(device)
 
 
 def check_available(method: Method, device: torch.device, tp: int) -> None:
-    """Raise Skip / Missing when `method` cannot run here."""
+    """Raise Skip when `method` cannot run here."""
     if tp > 1 and not method.vocab_parallel:
         raise Skip("needs the full vocabulary (TP=1 only)")
     if method.backend == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise Skip("Triton on CPU needs TRITON_INTERPRET=1")
-        if _backend_setter() is None:
-            raise Missing("mile_megatron.set_loss_backend is missing: the Triton kernels (issue 6) are not in "
-                          "this checkout, so the triton backend cannot be benchmarked")
-        if method.inplace_backward and _inplace_setter() is None:
-            raise Skip("this checkout has no in-place backward option (set_inplace_backward)")
     if method.name == "liger-ce":
         if device.type != "cuda":
             raise Skip("Liger-Kernel needs CUDA")
@@ -239,21 +204,18 @@ class method_settings:
         self.previous = None
 
     def __enter__(self):
-        setter = _backend_setter()
-        if self.method.backend is not None and setter is not None:
-            from mile_megatron import kernels
-
-            self.previous = getattr(kernels, "loss_backend_setting", lambda: "auto")()
-            setter(self.method.backend)
+        if self.method.backend is not None:
+            self.previous = loss_settings.loss_backend_setting()
+            loss_settings.set_loss_backend(self.method.backend)
         if self.method.inplace_backward:
-            _inplace_setter()(True)
+            loss_settings.set_inplace_backward(True)
         return self
 
     def __exit__(self, *exc):
         if self.method.inplace_backward:
-            _inplace_setter()(False)
+            loss_settings.set_inplace_backward(False)
         if self.previous is not None:
-            _backend_setter()(self.previous)
+            loss_settings.set_loss_backend(self.previous)
         return False
 
 
@@ -451,8 +413,6 @@ def bench_shape(shape, methods, args, device, group, rank: int) -> list[dict]:
             del grad, loss
         except Skip as reason:
             row.update(status="skipped", reason=str(reason))
-        except Missing as reason:
-            row.update(status="error", reason=str(reason))
         except Exception as error:  # noqa: BLE001  (a failing method is reported, the others still run)
             row.update(status="error", reason=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
         rows.append(row)

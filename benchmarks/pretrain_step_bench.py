@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/pretrain_step_bench.py --variants mile megatron-ce paper-eager-mile compile-mile
     .venv/bin/python benchmarks/pretrain_step_bench.py --smoke   # CPU, tiny preset: checks that the script works
 
-Each variant is one run of the real entry point (mile_megatron.pretrain_gpt under torchrun, one process):
+Each variant is one run of the real entry point (mile_megatron.engines.megatron under torchrun, one process):
 468m preset, bf16, local layer spec, 16 sequences x 1024 tokens = 16384 tokens per step (global batch 16),
 mock data with a 32000-entry NullTokenizer vocabulary, --train-iters steps, logging every step. Variants:
   mile               mile-pretrain --loss mile (this project's loss; backend auto = the Triton kernels on CUDA)
@@ -50,7 +50,7 @@ WORKER_FLAG = "--worker"
 RESULT_TAG = "PRETRAIN_STEP_BENCH_RESULT"
 ITERATION_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+)")
 LM_LOSS_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([-+0-9.eEnaif]+) \|")
-THROUGHPUT_RE = re.compile(r"\[mile-pretrain\] iteration (\d+): tokens/s ([0-9.]+)")
+THROUGHPUT_RE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? tokens/s: ([-+0-9.eE]+) \|")
 
 
 @dataclass(frozen=True)
@@ -94,12 +94,12 @@ def megatron_ce_forward_step(data_iterator, model, return_schedule_plan: bool = 
     """forward_step that lets GPTModel compute Megatron's own cross-entropy from the labels."""
     from megatron.core.utils import get_attr_wrapped_model
 
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines.megatron.batch import get_batch
 
-    vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    tokens, labels, loss_mask, attention_mask, position_ids = pretrain_gpt.get_batch(data_iterator, vp_stage)
-    per_token_ce = model(tokens, position_ids, attention_mask, labels=labels)  # [b, s] fp32
-    return per_token_ce, partial(masked_sum_loss, loss_mask, model=model)
+    batch = get_batch(data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+    per_token_ce = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                         labels=batch["labels"])  # [b, s] fp32
+    return per_token_ce, partial(masked_sum_loss, batch["loss_mask"], model=model)
 
 
 def paper_mile_terms_function(compiled: bool):
@@ -135,14 +135,15 @@ def run_worker(variant_name: str, flags: list[str]) -> int:
     import torch
 
     from mile_megatron import loss as loss_module
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines.megatron import cli
 
+    forward_step = None
     if variant_name in ("megatron-ce", "megatron-fused-ce"):
-        pretrain_gpt.forward_step = megatron_ce_forward_step  # no output_processor: GPTModel's own cross-entropy
+        forward_step = megatron_ce_forward_step  # no output_processor: GPTModel's own cross-entropy
     elif variant_name in ("paper-eager-mile", "compile-mile"):
         loss_module.mile_loss_terms = paper_mile_terms_function(compiled=variant_name == "compile-mile")
     began = time.perf_counter()
-    pretrain_gpt.main(flags)
+    cli.main(flags, forward_step=forward_step)
     result = {"variant": variant_name, "seconds": time.perf_counter() - began,
               "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Common launcher: one torchrun agent on this node around `python -m mile_megatron.pretrain_gpt`.
+# Common launcher: one torchrun agent on this node around `python -m mile_megatron.engines.megatron`.
 # Every other script in examples/ sets a few variables and runs this one. See examples/README.md.
 #
 # Required:
@@ -84,7 +84,7 @@ check_datasets_exist
 # --- command ----------------------------------------------------------------------------------
 torchrun_launcher
 
-command=("${launcher[@]}" -m mile_megatron.pretrain_gpt
+command=("${launcher[@]}" -m mile_megatron.engines.megatron
          "${optional_args[@]}"
          --loss "$LOSS"
          "${data_args[@]}"

@@ -1,6 +1,9 @@
 """MiLe loss for Megatron-core pretraining: exact vocab-parallel MiLe / focal / cross-entropy losses.
 
-Exports are resolved lazily so that `import mile_megatron` stays cheap (torch is imported on first use).
+The public API is the loss library's (mile_megatron.loss), re-exported here lazily so that `import mile_megatron`
+stays cheap (torch is imported on first use). The rest of the package are its applications: engines/ (Megatron
+and DeepSpeed trainers), data/ (The Pile -> indexed datasets), convert/ (checkpoints <-> Hugging Face),
+evaluate/, hf/ (transformers glue), apps/ (mile-demo, mile-selfcheck).
 """
 
 from __future__ import annotations
@@ -9,33 +12,20 @@ import importlib
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ALPHA_MODES": "loss",
-    "LOSS_KINDS": "loss",
-    "MileLossStats": "loss",
-    "MileLossTerms": "loss",
-    "mile_loss": "loss",
-    "mile_loss_with_stats": "loss",
-    "mile_loss_terms": "loss",
-    "TokenLosses": "vocab_parallel",
-    "vocab_parallel_mile_cross_entropy": "vocab_parallel",
-    "vocab_parallel_focal_cross_entropy": "vocab_parallel",
-    "input_checks": "vocab_parallel",
-    "set_input_checks": "vocab_parallel",
-    "loss_backend": "kernels",
-    "set_loss_backend": "kernels",
-    "inplace_backward": "kernels",
-    "set_inplace_backward": "kernels",
-}
+_EXPORTS = (
+    "ALPHA_MODES", "LOSS_KINDS", "MileLossStats", "MileLossTerms", "TokenLosses", "mile_loss", "mile_loss_terms",
+    "mile_loss_with_stats", "vocab_parallel_mile_cross_entropy", "vocab_parallel_focal_cross_entropy",
+    "input_checks", "set_input_checks", "loss_backend", "set_loss_backend", "inplace_backward",
+    "set_inplace_backward", "NO_GROUP",
+)
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module 'mile_megatron' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(".loss", __name__), name)
     globals()[name] = value
     return value
 

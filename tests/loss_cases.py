@@ -1,4 +1,4 @@
-"""Shared loss test cases: generation, per-rank execution and comparison against mile_megatron.reference.
+"""Shared loss test cases: generation, per-rank execution and comparison against mile_megatron.loss.reference.
 
 Everything here runs inside a worker (or in the pytest process for TP=1 without torch.distributed) and
 returns plain dicts of numbers, so the parent only asserts. Inputs are generated from a seed with a CPU
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mile_megatron import reference as ref
+from mile_megatron.loss import reference as ref
 
 RTOL = 1e-6
 PEAK = 21  # dominant column of the "peaked" logits family

@@ -1,4 +1,8 @@
-"""Launch the real `mile_megatron.pretrain_gpt` entry point with torchrun on CPU and read its logs.
+"""Launch the real mile-pretrain (and mile-pretrain-ds) entry points with torchrun on CPU and read their logs.
+
+Launches go through tests/hooked_engines.py, which calls the engines' main() with the test hooks that the launch's
+environment asks for (TEST_NONFINITE_ITERATION, TEST_HOLD_ITERATION, TEST_DUMP_DIR, TEST_DS_DUMP_DIR) and none
+otherwise.
 
 Every launch uses `torchrun --standalone` (no fixed port), GLOO_SOCKET_IFNAME=lo, a timeout that
 kills the whole process group, and raises with the captured output on failure. Runs are cached
@@ -62,8 +66,8 @@ def tiny_flags(data_prefix: Path, *extra: str, train_iters: int = 8) -> list[str
 
 def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("MILE_MEGATRON_CPU", "MILE_MEGATRON_TEST_NONFINITE_ITERATION", "MILE_MEGATRON_TEST_HOLD_ITERATION",
-                "MILE_MEGATRON_TEST_DUMP_DIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+    for key in ("MILE_MEGATRON_CPU", "TEST_NONFINITE_ITERATION", "TEST_HOLD_ITERATION", "TEST_DUMP_DIR",
+                "TEST_DS_DUMP_DIR", "TEST_PARAMETERS_FILE", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
                 "PYTORCH_NVML_BASED_CUDA_CHECK"):  # the last one is exported by DeepSpeed's import
         env.pop(key, None)
     env.update({
@@ -78,16 +82,20 @@ def launch_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun_command(nproc: int, flags: list[str], module: str = "mile_megatron.pretrain_gpt") -> list[str]:
+HOOKED_ENGINES = Path(__file__).resolve().parent / "hooked_engines.py"
+
+
+def torchrun_command(nproc: int, flags: list[str], engine: str = "megatron") -> list[str]:
+    """torchrun of tests/hooked_engines.py ENGINE (megatron: mile-pretrain, deepspeed: mile-pretrain-ds)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", module, *flags]
+            str(HOOKED_ENGINES), engine, *flags]
 
 
-def run_torchrun(name: str, nproc: int, flags: list[str], *, module: str = "mile_megatron.pretrain_gpt",
+def run_torchrun(name: str, nproc: int, flags: list[str], *, engine: str = "megatron",
                  env: dict[str, str] | None = None, timeout: float = LAUNCH_TIMEOUT_S) -> tuple[int, str]:
-    """Run `module` under torchrun to completion: (exit status, combined output); on timeout the whole process
+    """Run `engine` under torchrun to completion: (exit status, combined output); on timeout the whole process
     group is killed and AssertionError carries the output's tail."""
-    process = subprocess.Popen(torchrun_command(nproc, flags, module), cwd=REPO, env=launch_env(env),
+    process = subprocess.Popen(torchrun_command(nproc, flags, engine), cwd=REPO, env=launch_env(env),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
@@ -166,7 +174,7 @@ def launch_and_kill_one_worker(workdir: Path, name: str, nproc: int, flags: list
     log_path.unlink(missing_ok=True)
     save_dir = workdir / f"{name}_ckpt"
     all_flags = list(flags) + ["--mile-loss-log", str(log_path), "--save", str(save_dir)]
-    env = launch_env({"MILE_MEGATRON_TEST_HOLD_ITERATION": str(hold_iteration)})
+    env = launch_env({"TEST_HOLD_ITERATION": str(hold_iteration)})
     output_path = workdir / f"{name}.out"
     with open(output_path, "w") as output_file:
         process = subprocess.Popen(torchrun_command(nproc, all_flags), cwd=REPO, env=env, stdout=output_file,

@@ -8,7 +8,6 @@ own cross-entropy). Their reported losses are checked against the float64 refere
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,18 +25,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import loss_bench  # noqa: E402
 import pretrain_step_bench  # noqa: E402
 
-from mile_megatron.reference import RefBatch, mile_loss_reference  # noqa: E402
+from mile_megatron.loss.reference import RefBatch, mile_loss_reference  # noqa: E402
 
 TIMEOUT_S = 240
 TRITON_SHAPE = "4x130"
-
-
-def kernels_present() -> bool:
-    if importlib.util.find_spec("mile_megatron.kernels") is None:
-        return False
-    from mile_megatron import kernels
-
-    return hasattr(kernels, "set_loss_backend")
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -58,10 +49,9 @@ def runs(tmp_path_factory):
         "loss": ([str(BENCHMARKS / "loss_bench.py"), "--smoke", "--json", str(work / "loss.json")], {}),
         "step": ([str(BENCHMARKS / "pretrain_step_bench.py"), "--smoke", "--json", str(work / "step.json")], {}),
     }
-    if kernels_present():
-        specs["triton"] = ([str(BENCHMARKS / "loss_bench.py"), "--smoke", "--methods", "ours-triton-mile",
-                            "--shapes", TRITON_SHAPE, "--warmup", "0", "--repeats", "1",
-                            "--json", str(work / "triton.json")], {"TRITON_INTERPRET": "1"})
+    specs["triton"] = ([str(BENCHMARKS / "loss_bench.py"), "--smoke", "--methods", "ours-triton-mile",
+                        "--shapes", TRITON_SHAPE, "--warmup", "0", "--repeats", "1",
+                        "--json", str(work / "triton.json")], {"TRITON_INTERPRET": "1"})
     processes = {name: subprocess.Popen([sys.executable, *command], cwd=REPO, env=_env(extra), text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for name, (command, extra) in specs.items()}
@@ -135,8 +125,6 @@ def test_loss_bench_losses_match_the_float64_reference(runs):
 
 
 def test_triton_row_runs_under_the_interpreter(runs):
-    if "triton" not in runs:
-        pytest.skip("mile_megatron.kernels.set_loss_backend is not in this checkout yet")
     _, result = runs["triton"]
     (row,) = result["rows"]
     assert row["method"] == "ours-triton-mile" and row["status"] == "ok", row

@@ -7,15 +7,14 @@ import types
 import pytest
 import torch
 
-from mile_megatron import cpu_mode
+from mile_megatron.utils import cpu_mode
 
 
 @pytest.fixture
 def active_cpu_mode(monkeypatch):
     # The unit tests also run on GPU machines; real runs refuse CPU mode there.
-    monkeypatch.setenv("MILE_MEGATRON_CPU_TEST_ALLOW_CUDA", "1")
     originals = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.get_rng_state)
-    cpu_mode.activate()
+    cpu_mode.activate(allow_cuda=True)
     try:
         yield
     finally:
@@ -33,14 +32,13 @@ def test_inactive_unless_requested(monkeypatch):
     monkeypatch.setenv(cpu_mode.CPU_ENV_VAR, "0")
     assert not cpu_mode.cpu_mode_requested([])
     # Importing the entry point changes nothing.
-    import mile_megatron.pretrain_gpt  # noqa: F401
+    import mile_megatron.engines.megatron.cli  # noqa: F401
 
     assert not cpu_mode.is_active()
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
 def test_refuses_on_a_cuda_machine(monkeypatch):
-    monkeypatch.delenv("MILE_MEGATRON_CPU_TEST_ALLOW_CUDA", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(cpu_mode.CpuModeError, match="CUDA is available"):
         cpu_mode.activate()

@@ -4,7 +4,7 @@ mile-pretrain-ds) compute the same MiLe loss and logits gradient, and checkpoint
 Three launches, in sequence, share one tiny fp32 LLaMA (vocabulary 64, no padding at TP=2) and the pattern
 dataset of tests/megatron_runs.py:
   megatron   HF model -> mile-convert-megatron (TP=2) -> mile-pretrain --load, TP=2, 1 step (lr 1e-2), saved;
-             MILE_MEGATRON_TEST_DUMP_DIR dumps the first micro-batch: tokens, labels, loss_mask, both vocabulary
+             TEST_DUMP_DIR dumps the first micro-batch: tokens, labels, loss_mask, both vocabulary
              shards of the logits and of their gradient, loss_sum
   ds         that checkpoint -> mile-convert-hf -> mile-pretrain-ds --hf-init, 1 process, ZeRO-2, 2 steps,
              exported as a Hugging Face model
@@ -56,7 +56,7 @@ def _to_megatron(source: Path, output: Path) -> Path:
 def _megatron(workdir: Path, name: str, data_prefix: Path, load: Path, *extra: str):
     flags = [*TINY_FLAGS, "--data-path", str(data_prefix), *MEGATRON_STEP, "--load", str(load), *extra]
     return launch(workdir, name, 2, flags, save=True, timeout=LAUNCH_TIMEOUT_S,
-                  env={"MILE_MEGATRON_TEST_DUMP_DIR": str(workdir / f"{name}_dump")})
+                  env={"TEST_DUMP_DIR": str(workdir / f"{name}_dump")})
 
 
 def _deepspeed(workdir: Path, data_prefix: Path, hf_init: Path) -> str:
@@ -66,8 +66,8 @@ def _deepspeed(workdir: Path, data_prefix: Path, hf_init: Path) -> str:
              "--lr-warmup-iters", "0", "--seed", "1234", "--zero-stage", "2", "--log-interval", "1",
              "--save", str(workdir / "ds_ckpt"), "--export-hf", str(workdir / "ds_export"),
              "--loss-log", str(workdir / "ds.jsonl"), "--data-cache-path", str(workdir / "ds_cache")]
-    returncode, output = run_torchrun("mile-pretrain-ds", 1, flags, module="mile_megatron.hf.pretrain_ds",
-                                      env={"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "ds_dump")},
+    returncode, output = run_torchrun("mile-pretrain-ds", 1, flags, engine="deepspeed",
+                                      env={"TEST_DS_DUMP_DIR": str(workdir / "ds_dump")},
                                       timeout=LAUNCH_TIMEOUT_S)
     assert returncode == 0, f"mile-pretrain-ds exited {returncode}; output tail:\n{output[-12000:]}"
     return output
@@ -179,10 +179,11 @@ def test_llama_configs_are_the_megatron_presets(preset, parameters):
     from transformers import LlamaForCausalLM
 
     from mile_megatron.convert.hf_config import megatron_model_flags, shape_from_hf_config
-    from mile_megatron.hf.models import preset_values
+    from mile_megatron.recipes import LLAMA_ARCHITECTURE_FLAGS, preset_flags
 
     config = llama_config(preset, 32000 if preset != "tiny" else VOCAB)
-    values = preset_values(preset)
+    flags = [*LLAMA_ARCHITECTURE_FLAGS, *preset_flags(preset)]
+    values = {name: value for name, value in zip(flags, flags[1:]) if name.startswith("--")}
     flags = megatron_model_flags(shape_from_hf_config(config, 1, 1))
     for name, value in zip(flags[::2], flags[1::2]):
         assert float(value) == float(values[name]), (name, value, values[name])

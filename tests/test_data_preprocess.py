@@ -25,7 +25,8 @@ import pytest
 import sentencepiece
 
 from mile_megatron.data.domains import PILE_DOMAIN_WEIGHTS, PILE_DOMAINS, safe_domain_name
-from mile_megatron.data.preprocess import HOLD_ENV, HOLD_MARKER, main
+from hooked_preprocess import HOLD_MARKER
+from mile_megatron.data.preprocess import main
 from mile_megatron.data.synthetic import damage_zst, expected_bad_counts, write_pile_like_corpus
 from mile_megatron.data.train_tokenizer import main as train_tokenizer_main
 from mile_megatron.data.train_tokenizer import train
@@ -121,8 +122,8 @@ def _assert_nothing_looks_complete(out: Path, incomplete: str) -> None:
 
 def test_killed_run_resumes_to_byte_identical_outputs(corpus, model, reference, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, **{HOLD_ENV: "1"}, PYTHONPATH=str(REPO))
-    command = [sys.executable, str(REPO / "tools" / "preprocess_pile.py"),
+    env = dict(os.environ, TEST_HOLD_AFTER_SHARDS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, str(REPO / "tests" / "hooked_preprocess.py"),
                *run_args(corpus, model, out, "--workers", "1", "--chunk-bytes", "4096")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, start_new_session=True, text=True)

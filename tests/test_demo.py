@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "mile_megatron.demo", "--output-dir", str(out), "--train-iters", "30",
+        [sys.executable, "-m", "mile_megatron.apps.demo", "--output-dir", str(out), "--train-iters", "30",
          "--documents-per-shard", "120", "--min-ce-drop", "0.5"],
         capture_output=True, text=True, timeout=1200,
     )
@@ -98,7 +98,7 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path: Path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
     with pytest.raises(SystemExit, match="was not created by mile-demo"):
-        from mile_megatron.demo import main
+        from mile_megatron.apps.demo import main
 
         main(["--output-dir", str(tmp_path)])
     assert precious.read_text() == "keep me"

@@ -4,7 +4,7 @@ The scripts run as real bash processes. Missing variables and paths must stop th
 starts (DRY_RUN=1 prints the command instead of starting it). The Slurm script is driven through
 stand-in `srun` / `scontrol` executables (Slurm itself is not installed here). The last test
 starts examples/pretrain.sh twice on 127.0.0.1 (NNODES=2, NODE_RANK 0 and 1, one CPU process
-each) around the real mile_megatron.pretrain_gpt entry point and checks that the tiny model trains.
+each) around the real mile_megatron.engines.megatron entry point and checks that the tiny model trains.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_thin_scripts_compose_the_expected_command(inputs, loss, name):
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert flag_value(command, "--nproc-per-node") == "8"
     assert flag_value(command, "--loss") == loss
-    assert command[command.index("-m", 3) + 1] == "mile_megatron.pretrain_gpt"
+    assert command[command.index("-m", 3) + 1] == "mile_megatron.engines.megatron"
     assert flag_value(command, "--data-args-path") == inputs["DATA_ARGS_PATH"]
     assert flag_value(command, "--tokenizer-model") == inputs["TOKENIZER_MODEL"]
     assert flag_value(command, "--save") == flag_value(command, "--load") == inputs["CHECKPOINT_DIR"]

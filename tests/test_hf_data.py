@@ -169,3 +169,29 @@ def test_sample_counts_and_bad_sources(corpus, tokenizer):
         build(data_path=[str(root / "missing")])
     with pytest.raises(ValueError, match="does not exist"):
         build(per_split_data_args_path=str(root / "nowhere.json"))
+
+
+def test_dataset_config_fills_every_field_megatron_core_defines(tokenizer, tmp_path):
+    """data.gpt_dataset builds GPTDatasetConfig field by field (megatron-core's wheel ships no builder): every init
+    field is read from the arguments, computed, or deliberately left at its default; unsupported data settings
+    are refused by name."""
+    import dataclasses
+
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    from mile_megatron.data import gpt_dataset
+    from mile_megatron.utils.errors import UsageError
+
+    fields = {field.name for field in dataclasses.fields(GPTDatasetConfig) if field.init}
+    covered = set(gpt_dataset.FIELDS) | set(gpt_dataset.COMPUTED) | set(gpt_dataset.LEFT_AT_DEFAULT)
+    assert fields == covered, fields ^ covered
+    args = data.megatron_args(["--mock-data", "--seq-length", "16", "--seed", "7", "--eod-mask-loss",
+                               "--reset-position-ids", "--data-cache-path", str(tmp_path), "--split", "90,10,0"])
+    config = gpt_dataset.gpt_dataset_config(args, tokenizer)
+    assert (config.random_seed, config.sequence_length, config.eod_mask_loss, config.reset_position_ids,
+            config.path_to_cache, config.tokenizer) == (7, 16, True, True, str(tmp_path), tokenizer)
+    for flag, name in (("--fim-data", "fill-in-the-middle"), ("--sft", "supervised fine-tuning"),
+                       ("--hybrid-context-parallel", "hybrid context parallelism"),
+                       ("--dataloader-inter-document-masking", "inter-document masking")):
+        with pytest.raises(UsageError, match=name):
+            gpt_dataset.gpt_dataset_config(data.megatron_args(["--mock-data", "--seq-length", "16", flag]), tokenizer)

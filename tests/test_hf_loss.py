@@ -1,4 +1,4 @@
-"""mile_megatron.hf.loss against the float64 reference (mile_megatron.reference): transformers' label shift,
+"""mile_megatron.hf.loss against the float64 reference (mile_megatron.loss.reference): transformers' label shift,
 ignore_index, loss_mask, num_items_in_batch, every loss kind and alpha mode, both transformers hooks on a real
 LlamaForCausalLM / Trainer, alpha over a data-parallel group, and the refusal to use Megatron's groups.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distributed import DistributedPool
-from mile_megatron import reference as ref
+from mile_megatron.loss import reference as ref
 from mile_megatron.hf.loss import IGNORE_INDEX, MileCausalLMLoss, causal_lm_loss, use_mile_loss
 
 RTOL = 1e-5  # fp32 logits against float64

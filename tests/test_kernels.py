@@ -1,4 +1,4 @@
-"""The Triton kernels of the loss (mile_megatron/kernels) against the float64 reference and the torch path.
+"""The Triton kernels of the loss (mile_megatron/loss/triton) against the float64 reference and the torch path.
 
 On CPU the kernels run under the Triton interpreter in two spawned gloo processes whose environment has
 TRITON_INTERPRET=1 from the start (this pytest process never sets it: the other tests use the torch path), at
@@ -20,9 +20,9 @@ import torch
 import loss_cases as lc
 import mile_megatron as mm
 from distributed import DistributedPool
-from mile_megatron import kernels
-from mile_megatron import reference as ref
-from mile_megatron.kernels.layout import has_distinct_elements, row_layout
+from mile_megatron.loss import settings
+from mile_megatron.loss import reference as ref
+from mile_megatron.loss.triton.layout import has_distinct_elements, row_layout
 
 WORLD = 2
 LAYOUTS = [(1, 1), (2, 1)]
@@ -38,18 +38,18 @@ pytestmark = pytest.mark.timeout(300)
 
 def _use_triton(blocks: tuple[int, int] | None = None) -> None:
     """Select the Triton path (interpreted) and the block sizes for this task; fail loudly if it is not active."""
-    from mile_megatron.kernels import triton_loss
+    from mile_megatron.loss.triton import function as triton_loss
 
-    assert os.environ.get("TRITON_INTERPRET") == "1" and kernels.interpreting(), "worker is not interpreting"
-    kernels.set_loss_backend("triton")
-    kernels.set_inplace_backward(False)
+    assert os.environ.get("TRITON_INTERPRET") == "1" and settings.interpreting(), "worker is not interpreting"
+    settings.set_loss_backend("triton")
+    settings.set_inplace_backward(False)
     triton_loss.FORWARD_BLOCK, triton_loss.BACKWARD_BLOCK = blocks or (2048, 4096)
-    assert kernels.use_triton(torch.zeros(2, 8)) and not kernels.use_triton(torch.zeros(2, 8, dtype=torch.float64))
+    assert settings.use_triton(torch.zeros(2, 8)) and not settings.use_triton(torch.zeros(2, 8, dtype=torch.float64))
 
 
 def worker_environment(ctx) -> dict:
-    return {"setting": kernels.loss_backend_setting(), "interpreting": kernels.interpreting(),
-            "backend_cpu": kernels.loss_backend("cpu")}
+    return {"setting": settings.loss_backend_setting(), "interpreting": settings.interpreting(),
+            "backend_cpu": settings.loss_backend("cpu")}
 
 
 def worker_cases(ctx, tp: int, token_cases, loss_cases, blocks=None) -> dict:
@@ -61,7 +61,7 @@ def worker_cases(ctx, tp: int, token_cases, loss_cases, blocks=None) -> dict:
 
 def _token_run(case: lc.TokenCase, par: lc.Parallel, backend: str):
     """Outputs and gathered gradient of one token case with the given backend (inputs as in run_token_case)."""
-    kernels.set_loss_backend(backend)
+    settings.set_loss_backend(backend)
     gen = lc._generator("token", case.seed, par.replica, par.dp_rank)
     full = lc.make_logits(case.logits, case.lead, case.vocab, gen).to(lc.DTYPES[case.dtype])
     target = lc.make_targets(case.targets, case.lead, case.vocab, gen, full)
@@ -92,7 +92,7 @@ def worker_compare_backends(ctx, tp: int, cases) -> list[dict]:
                      for a, b in zip(fast, slow))
         results.append({"case": case.name, "functions": (fast_fn, slow_fn), "values": values / lc.RTOL,
                         "grad": lc.grad_error(fast_grad, slow_grad.double(), case.dtype, coefficient)})
-    kernels.set_loss_backend("triton")
+    settings.set_loss_backend("triton")
     return results
 
 
@@ -108,7 +108,7 @@ def worker_inplace(ctx, tp: int) -> dict:
     expected_grad = ref.token_losses_grad(expected, upstream.double())
     coefficient = upstream.double() * expected.weight
     report = {}
-    kernels.set_inplace_backward(True)
+    settings.set_inplace_backward(True)
     try:
         for view in ("contiguous", "transposed", "row_slice"):
             viewed = lc.ViewedInput(view, lc._shard(full, par))
@@ -144,7 +144,7 @@ def worker_inplace(ctx, tp: int) -> dict:
         except RuntimeError as error:
             report["shared_logits"] = str(error)
     finally:
-        kernels.set_inplace_backward(False)
+        settings.set_inplace_backward(False)
     return report
 
 
@@ -172,7 +172,7 @@ def worker_strided_targets(ctx, tp: int) -> list[dict]:
     par = lc.Parallel.from_layout(ctx.layout(tp, 1))
     results = []
     for backend in ("triton", "torch"):
-        kernels.set_loss_backend(backend)
+        settings.set_loss_backend(backend)
         for name, (full, target) in _strided_target_inputs(tp, lc._generator("strided-target", par.replica)).items():
             leaf = lc._shard(full, par).clone().requires_grad_(True)
             out = mm.vocab_parallel_mile_cross_entropy(leaf, target, gamma=1.5, sigma=0.5, tp_group=par.api_tp)
@@ -189,7 +189,7 @@ def worker_strided_targets(ctx, tp: int) -> list[dict]:
                 "grad": lc.grad_error(lc._gather_vocab(leaf.grad, par), ref.token_losses_grad(tokens), "float32",
                                       tokens.weight),
             })
-    kernels.set_loss_backend("triton")
+    settings.set_loss_backend("triton")
     return results
 
 
@@ -199,11 +199,11 @@ def worker_neg_inf(ctx, tp: int) -> dict:
     par = lc.Parallel.from_layout(ctx.layout(tp, 1))
     report = {}
     for backend in ("triton", "torch"):
-        kernels.set_loss_backend(backend)
+        settings.set_loss_backend(backend)
         for dtype in ("float32", "bfloat16"):
             report[f"{backend}/{dtype}"] = lc.run_neg_inf_parity(par, dtype)
         report[f"{backend}/all -inf row"] = lc.run_all_neg_inf_row(par)
-    kernels.set_loss_backend("triton")
+    settings.set_loss_backend("triton")
     return report
 
 
@@ -220,7 +220,7 @@ def worker_weight_parameters_in_float64(ctx, tp: int) -> dict:
     from triton.runtime import interpreter
     from triton.runtime.jit import mangle_type
 
-    from mile_megatron.vocab_parallel import weighted_vocab_parallel_cross_entropy
+    from mile_megatron.loss.vocab_parallel import weighted_vocab_parallel_cross_entropy
 
     _use_triton()
     assert mangle_type(50.3) == "fp32"
@@ -258,8 +258,8 @@ def worker_offsets_beyond_2_31(ctx) -> dict | str | None:
     copy-back is a no-op for the same storage), so only the few touched pages (~1 MiB) become resident."""
     import resource
 
-    from mile_megatron.kernels import triton_loss
-    from mile_megatron.vocab_parallel import _merge_statistics
+    from mile_megatron.loss.triton import function as triton_loss
+    from mile_megatron.loss.vocab_parallel import _merge_statistics
 
     if ctx.rank != 0:
         return None
@@ -515,39 +515,39 @@ def test_offsets_beyond_2_31_elements(pool):
 
 @pytest.fixture
 def backend_setting():
-    previous = kernels.loss_backend_setting()
+    previous = settings.loss_backend_setting()
     yield
-    kernels.set_loss_backend(previous)
+    settings.set_loss_backend(previous)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this process must not be interpreting")
 def test_backend_choice(backend_setting, monkeypatch):
-    assert kernels.BACKENDS == ("auto", "torch", "triton")
-    kernels.set_loss_backend("auto")
-    assert kernels.loss_backend("cpu") == "torch"
-    assert kernels.loss_backend("cuda") == ("triton" if kernels.triton_available() else "torch")
+    assert settings.BACKENDS == ("auto", "torch", "triton")
+    settings.set_loss_backend("auto")
+    assert settings.loss_backend("cpu") == "torch"
+    assert settings.loss_backend("cuda") == ("triton" if settings.triton_available() else "torch")
     logits = torch.randn(3, 16, requires_grad=True)
     out = mm.vocab_parallel_mile_cross_entropy(logits, torch.tensor([1, 2, 3]))
     assert type(out.loss.grad_fn).__name__ == "_WeightedVocabParallelCrossEntropyBackward"
-    kernels.set_loss_backend("torch")
-    assert kernels.loss_backend("cuda") == "torch"
-    kernels.set_loss_backend("triton")
+    settings.set_loss_backend("torch")
+    assert settings.loss_backend("cuda") == "torch"
+    settings.set_loss_backend("triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        kernels.loss_backend("cpu")
+        settings.loss_backend("cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         mm.vocab_parallel_mile_cross_entropy(logits, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="loss backend"):
-        kernels.set_loss_backend("cuda")
+        settings.set_loss_backend("cuda")
     monkeypatch.setenv("MILE_MEGATRON_LOSS_BACKEND", "Triton ")
-    assert kernels._backend_from_environment() == "triton"
+    assert settings.env_choice("MILE_MEGATRON_LOSS_BACKEND", settings.BACKENDS, "auto") == "triton"
     monkeypatch.setenv("MILE_MEGATRON_LOSS_BACKEND", "fast")
     with pytest.raises(ValueError, match="MILE_MEGATRON_LOSS_BACKEND"):
-        kernels._backend_from_environment()
+        settings.env_choice("MILE_MEGATRON_LOSS_BACKEND", settings.BACKENDS, "auto")
 
 
 def test_switches_are_exported_from_the_package():
-    assert mm.set_loss_backend is kernels.set_loss_backend
-    assert mm.set_inplace_backward is kernels.set_inplace_backward
+    assert mm.set_loss_backend is settings.set_loss_backend
+    assert mm.set_inplace_backward is settings.set_inplace_backward
 
 
 def _addresses(layout, rows: int) -> torch.Tensor:
@@ -587,11 +587,11 @@ GPU_SHAPES = [((4096, 32000), "bfloat16"), ((1024, 128256), "bfloat16"), ((2048,
 
 @pytest.fixture
 def gpu_triton():
-    previous = (kernels.loss_backend_setting(), kernels.inplace_backward(), mm.input_checks())
-    kernels.set_loss_backend("auto")
+    previous = (settings.loss_backend_setting(), settings.inplace_backward(), mm.input_checks())
+    settings.set_loss_backend("auto")
     yield
-    kernels.set_loss_backend(previous[0])
-    kernels.set_inplace_backward(previous[1])
+    settings.set_loss_backend(previous[0])
+    settings.set_inplace_backward(previous[1])
     mm.set_input_checks(previous[2])
 
 
@@ -609,7 +609,7 @@ def test_gpu_full_size_matches_reference_and_torch_path(gpu_triton, shape, dtype
     full, target, upstream = _gpu_inputs(shape, dtype, seed=sum(shape))
     results = {}
     for backend in ("triton", "torch"):
-        kernels.set_loss_backend(backend)
+        settings.set_loss_backend(backend)
         logits = full.clone().requires_grad_(True)
         out = mm.vocab_parallel_mile_cross_entropy(logits, target, gamma=1.5, sigma=0.7)
         out.loss.backward(upstream)
@@ -636,7 +636,7 @@ def test_gpu_mile_loss_masked_and_inplace(gpu_triton):
                                        upstream=1.0)[0]
     coefficient = expected.alpha * expected.tokens.weight * mask.double() / float(mask.sum())
     for inplace in (False, True):
-        kernels.set_inplace_backward(inplace)
+        settings.set_inplace_backward(inplace)
         leaf = full.clone().requires_grad_(True)
         logits = leaf * 1
         loss = mm.mile_loss(logits, target, mask, kind="focal", gamma=2.0, alpha="official")

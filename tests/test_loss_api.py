@@ -16,7 +16,7 @@ import torch
 
 import loss_cases as lc
 import mile_megatron as mm
-from mile_megatron import reference as ref
+from mile_megatron.loss import reference as ref
 
 ROOT = Path(__file__).resolve().parents[1]
 

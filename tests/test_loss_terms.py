@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distributed import DistributedPool, OpRecorder
-from mile_megatron import reference as ref
+from mile_megatron.loss import reference as ref
 
 WORLD = 4
 TP, DP, MICRO = 2, 2, 2
@@ -127,7 +127,7 @@ def worker_megatron_loss_function(ctx, alpha: str) -> dict:
     from megatron.core import parallel_state
     from megatron.training.global_vars import set_args
 
-    from mile_megatron.pretrain_gpt import logits_loss_func
+    from mile_megatron.engines.megatron import logits_loss_func
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
     try:
@@ -168,7 +168,7 @@ def worker_result_checks(ctx) -> dict:
     from megatron.core.rerun_state_machine import get_rerun_state_machine
     from megatron.training.global_vars import set_args
 
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines import megatron as pretrain_gpt
 
     machine = get_rerun_state_machine()
     messages: list[str] = []

@@ -107,7 +107,7 @@ def test_patch_is_one_small_well_formed_diff_of_pretrain_gpt():
         changed += sum(1 for line in lines if line[0] in "+-")
     assert changed <= 40, f"the patch should stay small ({changed} changed lines)"
     added = "\n".join(line[1:] for *_, lines in hunks for line in lines if line[0] == "+")
-    assert "from mile_megatron.pretrain_gpt import (" in added
+    assert "from mile_megatron.engines.megatron import (" in added
     assert "extra_args_provider=" in added and "add_modelopt_args" in added, "composes ModelOpt's provider"
     # the loss without result checks (upstream's loss_func runs them once on its result)
     assert "mile_loss_func(labels, loss_mask, output_tensor, model=model)" in added
@@ -120,7 +120,7 @@ def test_patch_is_one_small_well_formed_diff_of_pretrain_gpt():
 def test_mile_megatron_provides_what_the_patch_calls():
     import argparse
 
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines import megatron as pretrain_gpt
 
     for function in (pretrain_gpt.logits_loss_func, pretrain_gpt.mile_loss_func):
         assert list(inspect.signature(function).parameters)[:4] == ["labels", "loss_mask", "output_tensor", "model"]
@@ -132,7 +132,7 @@ def test_mile_megatron_provides_what_the_patch_calls():
     hook = pretrain_gpt.install_step_normalization(config)
     assert config.finalize_model_grads_func is hook and pretrain_gpt.install_step_normalization(config) is hook
     parser = argparse.ArgumentParser()
-    assert pretrain_gpt.add_loss_arguments(parser) is parser, "extra_args_provider must return the parser"
+    assert pretrain_gpt.add_megatron_loss_arguments(parser) is parser, "extra_args_provider must return the parser"
     args = parser.parse_args(["--loss", "focal", "--mile-gamma", "2", "--mile-alpha", "official"])
     assert (args.loss, args.mile_gamma, args.mile_sigma, args.mile_alpha) == ("focal", 2.0, 1.0, "official")
     assert parser.parse_args([]).loss == "mile"
@@ -290,8 +290,8 @@ def test_real_patch_applies_compiles_and_trains_on_cpu(tmp_path):
     build_tiny_dataset(tmp_path / "tiny")
     (checkout / "run_cpu.py").write_text(
         "import runpy, sys\n"
-        "from mile_megatron import cpu_mode\n"
-        "from mile_megatron.presets import LLAMA_ARCHITECTURE_FLAGS, preset_flags\n"
+        "from mile_megatron.utils import cpu_mode\n"
+        "from mile_megatron.recipes import LLAMA_ARCHITECTURE_FLAGS, preset_flags\n"
         "cpu_mode.activate()\n"
         "sys.argv = ['pretrain_gpt.py', *cpu_mode.CPU_MEGATRON_FLAGS, *LLAMA_ARCHITECTURE_FLAGS,\n"
         "            *preset_flags('tiny'), *sys.argv[1:]]\n"

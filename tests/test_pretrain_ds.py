@@ -1,4 +1,4 @@
-"""End-to-end tests of `mile_megatron.hf.pretrain_ds` (mile-pretrain-ds): real torchrun, DeepSpeed ZeRO-2 on its
+"""End-to-end tests of `mile_megatron.engines.deepspeed` (mile-pretrain-ds): real torchrun, DeepSpeed ZeRO-2 on its
 CPU accelerator with gloo, a tiny Hugging Face LLaMA, and a small Megatron indexed dataset.
 
 Five launches are shared by the module (two run at a time), all MiLe with alpha "global" on the same global
@@ -9,7 +9,7 @@ batches of 4 sequences, so all optimise the same step objective sum(w * CE * mas
   zero3   2 processes x 2 accumulated micro-batches (ZeRO-3: the gradient division on each rank's partitions)
   single  1 process x 1 micro-batch of 4 sequences (ZeRO-0: the denominator is known before the only backward)
   resume  2 processes, resumes a copy of mile's step-SAVE_AT checkpoint and trains to the end
-The entry's test-only dump (MILE_MEGATRON_TEST_DS_DUMP_DIR) gives the first step's logits, loss statistics and
+The entry's test-only dump (TEST_DS_DUMP_DIR) gives the first step's logits, loss statistics and
 logits gradients, checked against the float64 reference, and the trained model's logits on a fixed batch,
 checked against the exported Hugging Face model. The launches start in the background at the module's first
 test; the tests without launches (command line, configs, schedule, examples/deepspeed/ scripts) come first and
@@ -35,7 +35,7 @@ import torch
 
 from megatron_runs import REPO, read_records, run_torchrun, write_pattern_dataset
 
-from mile_megatron.reference import RefBatch, mile_loss_reference
+from mile_megatron.loss.reference import RefBatch, mile_loss_reference
 
 TRAIN_ITERS = 6
 SAVE_AT = 3
@@ -75,8 +75,8 @@ def launch(root: Path, name: str, nproc: int, flags: list[str], expect_success: 
     workdir = root / name
     workdir.mkdir(parents=True, exist_ok=True)
     flags = [*flags, "--loss-log", str(workdir / "loss.jsonl"), "--data-cache-path", str(workdir / "cache")]
-    returncode, output = run_torchrun(name, nproc, flags, module="mile_megatron.hf.pretrain_ds",
-                                      env={"MILE_MEGATRON_TEST_DS_DUMP_DIR": str(workdir / "dump")},
+    returncode, output = run_torchrun(name, nproc, flags, engine="deepspeed",
+                                      env={"TEST_DS_DUMP_DIR": str(workdir / "dump")},
                                       timeout=LAUNCH_TIMEOUT_S)
     run = DsRun(name, workdir, returncode, output)
     if expect_success and run.returncode != 0:
@@ -195,14 +195,14 @@ def load_step1(run: DsRun, ranks: int, micro_batches: int) -> list[list[dict]]:
 # -------------------------------------------------------------------------------------------------
 # Command line, configuration and schedule (no launch).
 def tiny_args(*extra: str):
-    from mile_megatron.hf.pretrain_ds import parse_args
+    from mile_megatron.engines.deepspeed.cli import parse_args
 
     return parse_args(["--preset", "tiny", "--vocab-size", "64", "--mock-data", "--seq-length", "32",
                        "--micro-batch-size", "2", "--global-batch-size", "8", *extra])
 
 
 def test_learning_rate_is_megatrons_linear_warmup_then_cosine():
-    from mile_megatron.hf.pretrain_ds import learning_rate
+    from mile_megatron.engines.deepspeed.config import learning_rate
 
     def lr(step, warmup=2):
         return learning_rate(step, lr=1.0, min_lr=0.1, warmup=warmup, total=10)
@@ -215,7 +215,7 @@ def test_learning_rate_is_megatrons_linear_warmup_then_cosine():
 
 
 def test_presets_give_the_paper_recipe_and_command_line_flags_win():
-    from mile_megatron.hf.pretrain_ds import PAPER_DEFAULTS, parse_args
+    from mile_megatron.engines.deepspeed.cli import PAPER_DEFAULTS, parse_args
 
     base = ["--vocab-size", "64", "--mock-data"]
     args = parse_args(["--preset", "468m", *base, "--lr", "1e-4"])
@@ -232,7 +232,7 @@ def test_presets_give_the_paper_recipe_and_command_line_flags_win():
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_packaged_zero_configs_are_filled_from_the_command_line(stage):
-    from mile_megatron.hf.pretrain_ds import deepspeed_config
+    from mile_megatron.engines.deepspeed.config import deepspeed_config
 
     args = tiny_args("--zero-stage", str(stage), "--clip-grad", "0.5", "--lr", "2e-3", "--weight-decay", "0.05")
     args.precision = "fp32"
@@ -250,7 +250,8 @@ def test_packaged_zero_configs_are_filled_from_the_command_line(stage):
 
 
 def test_user_deepspeed_config_replaces_the_packaged_one_but_not_the_flags():
-    from mile_megatron.hf.pretrain_ds import UsageError, deepspeed_config
+    from mile_megatron.engines.deepspeed.config import deepspeed_config
+    from mile_megatron.utils.errors import UsageError
 
     def config_for(user: dict, *extra: str, dp_size: int = 2):
         args = tiny_args("--deepspeed-config", json.dumps(user), *extra)
@@ -281,7 +282,7 @@ def test_user_deepspeed_config_replaces_the_packaged_one_but_not_the_flags():
 
 def test_weight_decay_skips_one_dimensional_parameters():
     from mile_megatron.hf.models import build_model, llama_config
-    from mile_megatron.hf.pretrain_ds import parameter_groups
+    from mile_megatron.engines.deepspeed.config import parameter_groups
 
     model = build_model(llama_config("tiny", 64), seed=1)
     decay, no_decay = parameter_groups(model, 0.1)
@@ -297,7 +298,7 @@ def test_export_writes_the_tokenizer_the_run_was_given(tmp_path):
     import sentencepiece
     from transformers import AutoTokenizer
 
-    from mile_megatron.hf.pretrain_ds import tokenizer_writer
+    from mile_megatron.engines.deepspeed.checkpoint import tokenizer_writer
 
     words = ["entropy", "weighted", "loss", "the", "model", "token", "42", "x"]
     sentences = [" ".join(words[(i * 5 + j * 3) % len(words)] for j in range(8)) for i in range(100)]
@@ -321,7 +322,8 @@ def test_export_writes_the_tokenizer_the_run_was_given(tmp_path):
 
 
 def test_bad_command_lines_stop_with_a_clear_message(tmp_path, capsys, monkeypatch):
-    from mile_megatron.hf.pretrain_ds import EXPORT_MARKER, export_dir_problem, main
+    from mile_megatron.engines.deepspeed.checkpoint import EXPORT_MARKER, export_dir_problem
+    from mile_megatron.engines.deepspeed.cli import main
 
     monkeypatch.delenv("RANK", raising=False)
     foreign = tmp_path / "foreign"
@@ -367,7 +369,7 @@ def run_script(script: str, env: dict[str, str], *args: str, cwd: Path | None = 
 
 def dry_command(result: subprocess.CompletedProcess) -> list[str]:
     assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stdout.splitlines() if "mile_megatron.hf.pretrain_ds" in line]
+    lines = [line for line in result.stdout.splitlines() if "mile_megatron.engines.deepspeed" in line]
     assert len(lines) == 1, result.stdout + result.stderr
     return shlex.split(lines[0])
 
@@ -403,7 +405,7 @@ def test_deepspeed_example_scripts_compose_the_launch_commands(script_inputs, tm
     single = dry_command(run_script("single_node.sh", script_inputs, "--lr", "1e-4"))
     assert single[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert value(single, "--num_gpus") == "8" and "--hostfile" not in single
-    assert single[single.index("--module") + 1] == "mile_megatron.hf.pretrain_ds"
+    assert single[single.index("--module") + 1] == "mile_megatron.engines.deepspeed"
     assert (value(single, "--preset"), value(single, "--zero-stage"), value(single, "--loss")) == ("468m", "2", "mile")
     assert value(single, "--save") == value(single, "--load") == script_inputs["CHECKPOINT_DIR"]
     assert value(single, "--data-args-path") == script_inputs["DATA_ARGS_PATH"]
@@ -451,7 +453,7 @@ def test_deepspeed_slurm_script_runs_torchrun_once_per_node(script_inputs, tmp_p
            "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_GPUS_ON_NODE": "4"}
     result = run_script(str(spool / "slurm_script"), env, cwd=spool)
     assert result.returncode == 0, result.stderr
-    commands = [shlex.split(line) for line in result.stdout.splitlines() if "mile_megatron.hf.pretrain_ds" in line]
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if "mile_megatron.engines.deepspeed" in line]
     assert [value(c, "--node-rank") for c in commands] == ["0", "1"], result.stdout + result.stderr
     for command in commands:
         assert (value(command, "--nnodes"), value(command, "--master-addr"), value(command, "--master-port"),
@@ -486,7 +488,7 @@ def test_deepspeed_example_scripts_stop_on_missing_or_bad_variables(script_input
         env.pop(name)
     result = run_script(script, env)
     assert result.returncode != 0 and message in result.stderr, result.stderr
-    assert "mile_megatron.hf.pretrain_ds" not in result.stdout + result.stderr
+    assert "mile_megatron.engines.deepspeed" not in result.stdout + result.stderr
 
 
 def test_deepspeed_example_scripts_name_a_missing_dataset(script_inputs, tmp_path):
@@ -576,7 +578,7 @@ def test_every_split_of_the_global_batch_and_zero_stage_optimises_the_same_objec
 def test_exported_model_reproduces_the_trained_logits(runs):
     from transformers import LlamaForCausalLM
 
-    from mile_megatron.hf.pretrain_ds import EXPORT_MARKER
+    from mile_megatron.engines.deepspeed.checkpoint import EXPORT_MARKER
 
     run = runs.get("mile")
     export = run.workdir / "hf"

@@ -1,4 +1,4 @@
-"""End-to-end tests of `mile_megatron.pretrain_gpt` with real torchrun, megatron-core and gloo on CPU.
+"""End-to-end tests of `mile_megatron.engines.megatron` with real torchrun, megatron-core and gloo on CPU.
 
 Runs are shared through a session-scoped RunCache; each launch is a few iterations of a tiny model.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from megatron_runs import REPO, RunCache, launch, launch_and_kill_one_worker, tiny_flags, write_pattern_dataset
 
-from mile_megatron.presets import PAPER_DIFFERENCES, PRESETS, preset_flags
+from mile_megatron.recipes import PAPER_DIFFERENCES, RECIPES, preset_flags
 
 TRAIN_ITERS = 8
 SAVE_AT = 4
@@ -35,12 +35,15 @@ def run_specs(data: Path) -> dict[str, tuple[int, list[str], dict]]:
         "pp2": (2, tiny_flags(data, "--pipeline-model-parallel-size", "2", train_iters=TRAIN_ITERS), {}),
         "dp2_bf16": (2, tiny_flags(data, "--bf16", *RECOMPUTE, "--use-distributed-optimizer",
                                    train_iters=TRAIN_ITERS),
-                     {"env": {"MILE_MEGATRON_TEST_DUMP_DIR": str(data.parent / "dp2_bf16_dump")}}),
+                     {"env": {"TEST_DUMP_DIR": str(data.parent / "dp2_bf16_dump")}}),
         "tp1": (1, tiny_flags(data, train_iters=TRAIN_ITERS), {}),
         "gamma0": (1, tiny_flags(data, "--loss", "mile", "--mile-gamma", "0", train_iters=NAN_AT + 1), {}),
         # Plain CE; a NaN is injected at iteration NAN_AT, which Megatron's checks must catch.
         "ce_nan": (1, tiny_flags(data, "--loss", "ce", train_iters=NAN_AT + 1),
-                   {"env": {"MILE_MEGATRON_TEST_NONFINITE_ITERATION": str(NAN_AT)}, "expect_success": False}),
+                   {"env": {"TEST_NONFINITE_ITERATION": str(NAN_AT)}, "expect_success": False}),
+        # A layer-spec flag of Megatron's own (QK layer norm) reaches the model through Megatron's GPT builder.
+        "qk_layernorm": (1, tiny_flags(data, "--qk-layernorm", train_iters=2),
+                         {"env": {"TEST_PARAMETERS_FILE": str(data.parent / "qk_parameters.txt")}}),
         # fp16 with Megatron's dynamic loss scaler (initial scale 2^16, halved at each overflow).
         **{f"fp16_{loss}": (1, tiny_flags(data, "--fp16", "--loss", loss, "--initial-loss-scale", "65536",
                                           train_iters=FP16_ITERS), {})
@@ -61,6 +64,7 @@ NEEDS = {
     "test_resume_reproduces_the_uninterrupted_losses": ["tp2", "tp1"],
     "test_killed_rank_and_relaunch_reproduce_the_uninterrupted_losses": ["tp2"],
     "test_fp16_mile_and_focal_train_as_stably_as_cross_entropy": ["fp16_ce", "fp16_mile", "fp16_focal"],
+    "test_megatron_layer_spec_flags_reach_the_model": ["qk_layernorm"],
 }
 
 
@@ -69,7 +73,8 @@ def runs(tmp_path_factory, request) -> RunCache:
     workdir = tmp_path_factory.mktemp("megatron_runs")
     cache = RunCache(workdir, write_pattern_dataset(workdir / "pattern"), run_specs(workdir / "pattern"))
     selected = {item.name for item in request.session.items}
-    order = ["tp2pp2", "tp2", "pp2", "dp2_bf16", "tp1", "gamma0", "ce_nan", "fp16_ce", "fp16_mile", "fp16_focal"]
+    order = ["tp2pp2", "tp2", "pp2", "dp2_bf16", "tp1", "gamma0", "ce_nan", "fp16_ce", "fp16_mile", "fp16_focal",
+             "qk_layernorm"]
     cache.prefetch([name for name in order if any(name in NEEDS.get(test, ()) for test in selected)])
     yield cache
     cache.close()
@@ -131,7 +136,7 @@ def test_bf16_loss_reads_the_output_layers_logits_without_a_copy(runs):
     sum(w * mask) equal the float64 reference on those logits."""
     import torch
 
-    from mile_megatron import reference as ref
+    from mile_megatron.loss import reference as ref
 
     runs.get("dp2_bf16")
     record = torch.load(runs.workdir / "dp2_bf16_dump" / "rank0.pt")
@@ -205,7 +210,7 @@ def test_non_finite_loss_is_caught_by_megatron(runs):
 def test_unsupported_combinations_stop_with_a_clear_message(tmp_path, monkeypatch, capsys):
     """Distributed-optimizer reload without TE/apex and sequence parallel without TE/apex are refused
     with a message (exit status 2), before anything is initialised."""
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines.megatron import cli as pretrain_gpt
 
     if pretrain_gpt._fused_kernels_available():
         pytest.skip("TransformerEngine or apex is installed: these combinations work")
@@ -241,20 +246,21 @@ def test_presets_carry_the_paper_configurations():
                                                    "--global-batch-size", "--train-iters"))
         assert got == (layers, hidden, ffn, heads, seq, batch, steps)
         assert int(value(name, "--kv-channels")) * int(heads) == int(hidden)
-        for flag, setting in (("--lr", "3e-4"), ("--adam-beta2", "0.95"), ("--weight-decay", "0.1"),
-                              ("--clip-grad", "1.0"), ("--init-method-std", "0.01"), ("--seed", "111"),
-                              ("--lr-decay-style", "cosine"), ("--lr-warmup-iters", "2000")):
-            assert value(name, flag) == setting
-        assert "--bf16" in PRESETS[name]
-    assert "--recompute-granularity" in PRESETS["6.7b"]
-    assert set(PRESETS) == {"tiny", "468m", "1.2b", "6.7b"}
+        for flag, setting in (("--lr", 3e-4), ("--adam-beta2", 0.95), ("--weight-decay", 0.1), ("--clip-grad", 1.0),
+                              ("--init-method-std", 0.01), ("--seed", 111), ("--lr-warmup-iters", 2000),
+                              ("--adam-eps", 1e-8), ("--min-lr", 0.0)):
+            assert float(value(name, flag)) == setting, (name, flag)
+        assert value(name, "--lr-decay-style") == "cosine" and "--use-distributed-optimizer" in preset_flags(name)
+        assert "--bf16" in preset_flags(name) and RECIPES[name].training.bf16
+    assert "--recompute-granularity" in preset_flags("6.7b") and RECIPES["6.7b"].training.recompute
+    assert set(RECIPES) == {"tiny", "468m", "1.2b", "6.7b"}
     assert len(PAPER_DIFFERENCES) >= 5
     with pytest.raises(ValueError, match="choose one of"):
         preset_flags("7b")
 
 
 def test_help_lists_our_flags_and_megatrons(capsys):
-    from mile_megatron.pretrain_gpt import main
+    from mile_megatron.engines.megatron.cli import main
 
     main(["--help"])
     text = capsys.readouterr().out
@@ -268,7 +274,7 @@ def test_gpu_without_transformer_engine_turns_off_the_fusions_that_need_it(monke
     fusions need kernels that are missing; the entry point turns them off and Megatron's parser knows the flags."""
     from megatron.training.arguments import parse_args
 
-    from mile_megatron import pretrain_gpt
+    from mile_megatron.engines.megatron import cli as pretrain_gpt
 
     monkeypatch.setattr(pretrain_gpt, "_transformer_engine_available", lambda: False)
     monkeypatch.setattr(pretrain_gpt, "_have_module", lambda name: False)  # no apex / Megatron C++ kernels
@@ -276,7 +282,7 @@ def test_gpu_without_transformer_engine_turns_off_the_fusions_that_need_it(monke
     for flag in ("--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion"):
         assert flag in argv, flag
     monkeypatch.setattr(sys, "argv", ["mile-pretrain", *argv])
-    args = parse_args(pretrain_gpt._add_entry_point_arguments)
+    args = parse_args(pretrain_gpt.add_arguments)
     assert args.transformer_impl == "local" and not args.apply_rope_fusion
     assert not args.gradient_accumulation_fusion and not args.masked_softmax_fusion
 
@@ -313,3 +319,12 @@ def test_fp16_mile_and_focal_train_as_stably_as_cross_entropy(runs):
         assert result["skipped"] <= ce["skipped"] + 4, results
         assert result["scale"] >= ce["scale"] / 16, results
         assert result["last"] < ce["last"] + 0.25, results
+
+
+def test_megatron_layer_spec_flags_reach_the_model(runs):
+    """The model comes from Megatron's own GPT builder (gpt_config_from_args): --qk-layernorm adds Megatron's
+    query/key layer norms to every attention layer, and the run trains."""
+    run = runs.get("qk_layernorm")
+    names = (runs.workdir / "qk_parameters.txt").read_text().split()
+    assert sum("q_layernorm" in name for name in names) == 2 and sum("k_layernorm" in name for name in names) == 2
+    assert run.iteration_ce() and all(math.isfinite(v) for v in run.iteration_ce().values())

@@ -37,10 +37,27 @@ def test_megatron_core_pin_matches_constraints_and_apex_is_not_a_dependency():
     assert project["name"] == "mile-megatron"
     assert project["requires-python"] == ">=3.12"
     deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
-    assert "megatron-core==0.19.2" in project["dependencies"]
+    # a supported range in the package (an NGC container keeps its own 0.19.x), the tested pin in constraints
+    assert "megatron-core>=0.19,<0.20" in project["dependencies"]
     assert not [d for d in deps if re.match(r"apex\b", d)], "the PyPI 'apex' is unrelated to NVIDIA apex"
     constraints = (ROOT / "tools" / "constraints.txt").read_text()
     assert "megatron-core==0.19.2" in constraints
+
+
+def test_start_up_check_names_the_supported_megatron_core_range():
+    import pytest
+
+    from mile_megatron.engines.megatron.cli import SUPPORTED_RANGE_TEXT, check_megatron_core_version
+    from mile_megatron.utils.errors import UsageError
+
+    assert SUPPORTED_RANGE_TEXT == ">=0.19,<0.20"
+    for good in ("0.19.0", "0.19.2", "0.19.3rc1", "0.19.2+503e06c"):
+        check_megatron_core_version(good)
+    for bad in ("0.18.2", "0.20.0", "1.0.0"):
+        with pytest.raises(UsageError, match=f"megatron-core {bad} is installed; mile-pretrain supports "
+                                             r"megatron-core>=0\.19,<0\.20"):
+            check_megatron_core_version(bad)
+    check_megatron_core_version()  # the installed one
 
 
 def test_installed_megatron_core_is_the_pinned_one():

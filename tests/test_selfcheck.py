@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mile_megatron import selfcheck
+from mile_megatron.apps import selfcheck
 
 CUDA = torch.cuda.is_available()
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     script = shutil.which("mile-selfcheck", path=str(Path(sys.executable).parent))
-    command = [script] if script else [sys.executable, "-m", "mile_megatron.selfcheck"]
+    command = [script] if script else [sys.executable, "-m", "mile_megatron.apps.selfcheck"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Common launcher for mile-pretrain-ds (Hugging Face LLaMA + DeepSpeed ZeRO, `python -m mile_megatron.hf.pretrain_ds`).
+# Common launcher for mile-pretrain-ds (Hugging Face LLaMA + DeepSpeed ZeRO, `python -m mile_megatron.engines.deepspeed`).
 # The other scripts in examples/deepspeed/ set a few variables and run this one. See examples/deepspeed/README.md.
 #
 # Required:
@@ -129,7 +129,7 @@ else
     what="torchrun, node $NODE_RANK of $NNODES"
 fi
 
-command=("${launcher[@]}" mile_megatron.hf.pretrain_ds
+command=("${launcher[@]}" mile_megatron.engines.deepspeed
          "${optional_args[@]}"
          --loss "$LOSS"
          "${data_args[@]}"

@@ -86,7 +86,7 @@ def megatron_args(shape: ModelShape, tp: int, pp: int, layers_per_virtual_stage:
     """The arguments Megatron would save for a mile-pretrain run of this model (parsed by Megatron itself)."""
     from megatron.training.arguments import parse_args
 
-    from mile_megatron.presets import LLAMA_ARCHITECTURE_FLAGS
+    from mile_megatron.recipes import LLAMA_ARCHITECTURE_FLAGS
 
     if shape.rope_theta != int(shape.rope_theta):
         raise ConversionError(f"rope theta {shape.rope_theta} is not an integer (Megatron's --rotary-base is)")

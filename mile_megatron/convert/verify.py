@@ -39,7 +39,7 @@ def sample_tokens(vocab_size: int, seq_length: int, bos_token_id: int | None, se
 
 
 def _initialize_megatron_single_process(workdir: str) -> None:
-    from mile_megatron import cpu_mode
+    from mile_megatron.utils import cpu_mode
 
     cpu_mode.activate()
     import torch.distributed as dist
@@ -78,7 +78,7 @@ def _single_rank_args(saved: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_megatron_model(saved: argparse.Namespace) -> Any:
-    """GPTModel as mile_megatron.pretrain_gpt.model_provider builds it (local spec), TP=1, fp32."""
+    """GPTModel as mile-pretrain builds it on CPU (Megatron's builder, local spec), TP=1, fp32."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.training.argument_utils import core_transformer_config_from_args

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..utils.fs import atomic_write_json, atomic_write_text
 from .domains import PILE_DOMAIN_WEIGHTS
-from .fsutil import atomic_write_json, atomic_write_text
 
 WEIGHT_KINDS = ("paper", "tokens")
 

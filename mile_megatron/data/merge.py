@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.fs import atomic_write_json, atomic_write_text, remove_tree, replace_dir
 from .blends import write_blends
 from .domains import natural_key
-from .fsutil import atomic_write_json, atomic_write_text, remove_tree, replace_dir
 from .shards import SPLITS, load_shard_record, make_builder
 from .summary import build_summary, render_table
 

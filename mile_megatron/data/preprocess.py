@@ -25,16 +25,17 @@ import argparse
 import glob
 import os
 import sys
-import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..utils.errors import UsageError
+from ..utils.fs import OutputDirLock, read_json, remove_tree
 from .blends import WEIGHT_KINDS
 from .domains import DomainNameCollision, natural_key
 from .encode import EncodeSettings, EncoderPool
-from .fsutil import OutputDirLock, read_json, remove_tree
 from .merge import MergeError, merge_outputs
 from .progress import Progress
 from .shards import (SPLITS, ShardWriter, assign_shard_ids, clean_partials, load_shard_record,
@@ -45,14 +46,10 @@ from .summary import render_table
 from .tokenizer import (DTYPE_MAX_ID, TokenizerError, choose_dtype, load_tokenizer,
                         resolve_policy, spec_from_args)
 
-# Testing hook: after this many shards are committed and a chunk of the next shard has been
-# written to its partial directory, print HOLD_MARKER on stdout and block until killed.
-HOLD_ENV = "MILE_PREPROCESS_TEST_HOLD_AFTER_SHARDS"
-HOLD_MARKER = "mile-preprocess: holding for test"
-
-
-class UsageError(ValueError):
-    """Bad arguments or settings; reported before any work starts."""
+# An optional observer of run's progress, for instrumentation and tests: observer(event, committed_shards) with
+# event "chunk" (a chunk of the current shard was written to its partial directory), "committed" (a shard was
+# published) or "drained" (every shard of the run is finished).
+Observer = Callable[[str, int], None]
 
 
 def expand_inputs(patterns: list[str]) -> list[Path]:
@@ -129,20 +126,15 @@ def _log(message: str, progress: Progress | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _hold_forever() -> None:
-    print(HOLD_MARKER, flush=True)
-    threading.Event().wait()
-
-
 def _process(tasks: list[ShardTask], settings: EncodeSettings, args: argparse.Namespace,
              out: Path, config: dict, tokenizer_path: str, done: list[dict],
-             failed: dict[str, str]) -> None:
+             failed: dict[str, str], observer: Observer | None = None) -> None:
     """Stream every pending shard through the worker pool; commit or abort each shard."""
     queue_depth = args.queue_depth or 2 * max(args.workers, 1)
-    hold_after = int(os.environ.get(HOLD_ENV, "0") or 0)
     progress = Progress(len(tasks), enabled=args.progress)
     inflight: deque = deque()
-    state = {"committed": 0, "armed": False}
+    state = {"committed": 0}
+    observe = observer or (lambda event, committed: None)
     pending_keys = [f"{t.split}/{t.shard_id}" for t in tasks]
 
     def manifest() -> None:
@@ -169,7 +161,7 @@ def _process(tasks: list[ShardTask], settings: EncodeSettings, args: argparse.Na
                 progress.update(shards=1)
             manifest()
             state["committed"] += 1
-            state["armed"] = bool(hold_after) and state["committed"] == hold_after
+            observe("committed", state["committed"])
             return
         result = future.result()
         if task.error is None:
@@ -180,8 +172,7 @@ def _process(tasks: list[ShardTask], settings: EncodeSettings, args: argparse.Na
                 return
             progress.update(documents=len(result.lengths), tokens=int(result.lengths.sum()),
                             nbytes=result.input_bytes)
-            if state["armed"]:
-                _hold_forever()
+            observe("chunk", state["committed"])
 
     with EncoderPool(settings, args.workers) as pool:
         try:
@@ -201,8 +192,7 @@ def _process(tasks: list[ShardTask], settings: EncodeSettings, args: argparse.Na
                 inflight.append((task, None))
             while inflight:
                 drain_one()
-            if state["armed"]:
-                _hold_forever()
+            observe("drained", state["committed"])
         except BaseException:
             for task in tasks:
                 if task.writer is not None and task.writer.partial.exists():
@@ -234,7 +224,7 @@ def _shard_config(args: argparse.Namespace):
     return config, settings, spec.path
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, observer: Observer | None = None) -> int:
     if args.workers < 0:
         raise UsageError("--workers must be >= 0 (0 = encode in the main process)")
     if args.chunk_bytes < 1024:
@@ -289,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _log(f"mile-preprocess: {len(planned)} shard(s), {len(done)} already complete, "
              f"{len(pending)} to process with {args.workers} worker(s)")
         failed: dict[str, str] = {}
-        _process(pending, settings, args, out, config, tokenizer_path, done, failed)
+        _process(pending, settings, args, out, config, tokenizer_path, done, failed, observer)
         if failed:
             _log(f"mile-preprocess: {len(failed)} shard(s) failed:\n  " + "\n  ".join(failed.values())
                  + f"\nCompleted shards are kept in {out / 'shards'}; fix or replace the inputs "
@@ -414,11 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, observer: Observer | None = None) -> int:
+    """The command line; observer (optional) follows `run`'s progress (see Observer)."""
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, "merge": cmd_merge, "summary": cmd_summary}[args.command]
     try:
-        return handler(args)
+        if args.command == "run":
+            return cmd_run(args, observer)
+        return {"merge": cmd_merge, "summary": cmd_summary}[args.command](args)
     except (UsageError, MergeError) as error:
         print(f"mile-preprocess: error: {error}", file=sys.stderr)
         return 2

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.fs import atomic_write_json, fsync_dir, read_json, remove_tree, replace_dir
 from .domains import SafeNameRegistry, natural_key
 from .encode import ChunkResult
-from .fsutil import atomic_write_json, fsync_dir, read_json, remove_tree, replace_dir
 from .indexed import IndexedDatasetWriter
 
 SHARD_FORMAT = "mile-preprocess-shard/1"

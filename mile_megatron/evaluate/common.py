@@ -152,7 +152,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
     """Write JSON so that ``path`` holds either nothing/the old file or the complete new one."""
-    from mile_megatron.data.fsutil import atomic_write_text
+    from mile_megatron.utils.fs import atomic_write_text
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

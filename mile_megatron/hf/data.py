@@ -124,7 +124,7 @@ def gpt_dataset_config(args: argparse.Namespace, tokenizer: Any) -> Any:
     tokenizer and no attention masks (HF models make their own causal mask); missing dataset files are named."""
     from megatron.training.utils import get_blend_and_blend_per_split
 
-    from mile_megatron.pretrain_gpt import gpt_dataset_config as megatron_gpt_dataset_config
+    from mile_megatron.data.gpt_dataset import gpt_dataset_config as megatron_gpt_dataset_config
 
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     _check_prefixes(blend, "--data-path / --data-args-path")

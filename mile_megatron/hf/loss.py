@@ -1,6 +1,6 @@
 """MiLe, focal and cross-entropy losses for Hugging Face causal language models.
 
-The same implementation as the Megatron path (mile_megatron.loss.mile_loss_with_stats, so the fused kernels
+The same implementation as the Megatron path (mile_megatron.loss: mile_loss_with_stats, so the fused kernels
 run on GPU when available), applied to full-vocabulary logits [..., S, V] of one model replica:
 
     shifted labels:  position t predicts token t + 1, i.e. logits[..., :-1, :] against labels[..., 1:]
@@ -29,7 +29,7 @@ import torch
 
 from mile_megatron.loss import (MileLossStats, MileLossTerms, mile_loss_terms, mile_loss_with_stats,
                                 validate_loss_settings)
-from mile_megatron.parallel import NO_GROUP, ProcessGroup
+from mile_megatron.loss.parallel import NO_GROUP, ProcessGroup
 
 IGNORE_INDEX = -100
 

@@ -17,8 +17,8 @@ Invariants
 - Dropout on CPU always draws from the default CPU generator; the tracker's fork does not apply
   (use dropout 0, as the LLaMA presets do, for TP-independent results).
 
-Test-only switch: ``MILE_MEGATRON_CPU_TEST_ALLOW_CUDA=1`` lets :func:`activate` run on a CUDA
-machine (for the unit tests only; never set it in real runs).
+activate(allow_cuda=True) runs even where CUDA is available (the unit tests do, to test the redirection on GPU
+machines too); the command lines never pass it.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mile_megatron.settings import env_flag
+from mile_megatron.loss.settings import env_flag
+from mile_megatron.utils.errors import UsageError
 
 CPU_ENV_VAR = "MILE_MEGATRON_CPU"
-_TEST_ALLOW_CUDA_ENV_VAR = "MILE_MEGATRON_CPU_TEST_ALLOW_CUDA"
 
 # Megatron flags a CPU run needs (inserted before the user's flags by the entry point).
 CPU_MEGATRON_FLAGS: tuple[str, ...] = (
@@ -51,7 +51,7 @@ CPU_MEGATRON_FLAGS: tuple[str, ...] = (
 )
 
 
-class CpuModeError(RuntimeError):
+class CpuModeError(UsageError):
     """CPU mode was requested in a setting where it cannot work."""
 
 
@@ -242,11 +242,12 @@ def _patch(owner: Any, name: str, value: Any) -> None:
     setattr(owner, name, value)
 
 
-def activate() -> None:
+def activate(*, allow_cuda: bool = False) -> None:
     """Redirect Megatron's CUDA assumptions to CPU for this process (idempotent).
 
     Call before importing megatron.training / megatron.core modules, so that fused functions are
-    defined without torch.compile (not useful on CPU, and slow to compile).
+    defined without torch.compile (not useful on CPU, and slow to compile). Refuses (CpuModeError) where CUDA is
+    available unless allow_cuda.
     """
     global _mode
     if _mode is not None:
@@ -254,7 +255,7 @@ def activate() -> None:
     # A parent process that imported DeepSpeed may have exported PYTORCH_NVML_BASED_CUDA_CHECK=1; NVML's
     # answer can claim a GPU that cannot be used. Ask the CUDA driver itself.
     os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-    if torch.cuda.is_available() and not env_flag(_TEST_ALLOW_CUDA_ENV_VAR, False):
+    if torch.cuda.is_available() and not allow_cuda:
         raise CpuModeError(
             "CPU mode (--cpu / MILE_MEGATRON_CPU=1) was requested but CUDA is available on this "
             "machine. CPU mode is only for machines without GPUs: drop --cpu (and unset "

@@ -3,7 +3,7 @@
 Spawns TP processes (torch.distributed, FileStore rendezvous in a temporary directory: no ports), runs
 vocab_parallel_mile_cross_entropy, vocab_parallel_focal_cross_entropy and mile_loss on random inputs (fp32 and
 bf16, a large-offset case, a masked batch), compares loss / ce / entropy / the gathered logits gradient with
-mile_megatron.reference, prints a table and exits 0 (all within tolerance), 1 (mismatch) or 2 (the check could
+mile_megatron.loss.reference, prints a table and exits 0 (all within tolerance), 1 (mismatch) or 2 (the check could
 not run). Where it runs (--device, default auto: cuda when a GPU is visible, else cpu):
   cpu:   TP=2 over gloo, the torch path (the CPU implementation)
   cuda:  the loss backend CUDA tensors get (the Triton kernels unless set_loss_backend / MILE_MEGATRON_LOSS_BACKEND
@@ -92,9 +92,9 @@ def _run_case(index: int, case, rank: int, tp: int, group, device) -> dict[str, 
     import torch
     import torch.distributed as dist
 
-    from . import reference as ref
-    from .loss import mile_loss_with_stats
-    from .vocab_parallel import vocab_parallel_focal_cross_entropy, vocab_parallel_mile_cross_entropy
+    from mile_megatron.loss import (mile_loss_with_stats, vocab_parallel_focal_cross_entropy,
+                                    vocab_parallel_mile_cross_entropy)
+    from mile_megatron.loss import reference as ref
 
     name, function, dtype, family, kwargs = case
     full, target, upstream, mask = _inputs(1234 + index, family, dtype)
@@ -141,7 +141,7 @@ def _worker(rank: int, tp: int, device_type: str, rendezvous: str, results) -> N
         import torch
         import torch.distributed as dist
 
-        from .kernels import loss_backend
+        from mile_megatron.loss.settings import loss_backend
 
         torch.set_num_threads(1)
         if device_type == "cuda":

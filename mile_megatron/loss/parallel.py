@@ -7,7 +7,6 @@ argument to Megatron's group when Megatron is initialised; NO_GROUP means "no pa
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import torch
@@ -93,10 +92,3 @@ def all_reduce_sum(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it); for launching rendezvous servers."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]

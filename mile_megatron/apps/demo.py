@@ -74,7 +74,7 @@ def _train(out: Path, tokenizer_model: Path, blends: Path, validation: dict, tra
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
         "--nproc-per-node", "2",
-        "-m", "mile_megatron.pretrain_gpt", "--cpu", "--preset", "tiny",
+        "-m", "mile_megatron.engines.megatron", "--cpu", "--preset", "tiny",
         "--tensor-model-parallel-size", "2",
         "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", str(tokenizer_model),
         "--per-split-data-args-path", str(blends / "per_split_data_args.json"),

@@ -28,8 +28,9 @@ from typing import NamedTuple
 
 import torch
 
+from .common import validate_target, validate_weight_parameters
 from .parallel import ProcessGroup, all_reduce_sum, group_size, resolve_dp_group
-from .vocab_parallel import validate_target, validate_weight_parameters, weighted_vocab_parallel_cross_entropy
+from .vocab_parallel import weighted_vocab_parallel_cross_entropy
 
 LOSS_KINDS = ("mile", "focal", "ce")
 ALPHA_MODES = ("global", "official", "none")

@@ -1,6 +1,7 @@
-"""Triton kernels for the weighted vocab-parallel cross-entropy: two launches per forward, one per backward.
+"""The Triton kernels (@triton.jit only) of the weighted vocab-parallel cross-entropy: two launches per forward,
+one per backward; their launchers and autograd function are in function.py.
 
-Same quantities and formulas as the torch path (mile_megatron/vocab_parallel.py); only the evaluation differs.
+Same quantities and formulas as the torch path (mile_megatron/loss/vocab_parallel.py); only the evaluation differs.
 Rank r holds columns [r * V, (r + 1) * V) of every row; z are a row's logits on this rank, y its target.
 
 1. Row statistics (one program per row, or per few rows when they are narrow). One pass over the row in its own
@@ -44,41 +45,14 @@ Memory besides the gradient: about N * (16 tp + 48) bytes of statistics and outp
 
 from __future__ import annotations
 
-import struct
-
-import torch
 import triton
 import triton.language as tl
 
-from ..parallel import all_gather_rows, group_rank, group_size
-from ..vocab_parallel import _STATS, _TRAILER, FLOOR, _check_inputs, _checks_active, _must_read_trailer
-from . import inplace_backward
-from .layout import RowLayout, has_distinct_elements, row_layout
-
-# Elements per program tile (columns of one row; several narrow rows share a tile). 256 elements per warp.
-# Forward: 2048 with 8 warps = 8 values per thread (one 16-byte bf16 load), 40 registers on sm_90, next block
-# prefetched: ~6 programs and ~48 KB of loads in flight per SM. Backward: 4096 with 8 warps = 16 values per
-# thread (two 16-byte loads and stores), 32 registers, full occupancy. No autotuning (CUDA graphs, determinism).
-FORWARD_BLOCK = 2048
-BACKWARD_BLOCK = 4096
-MERGE_ROWS = 256
+from ..common import FLOOR
 
 _FLOOR = tl.constexpr(FLOOR)  # logits below read as FLOOR (-inf: masked vocabulary entries); z_y is read as is
 _EMPTY = tl.constexpr(2.0 * FLOOR)  # masked lanes: e^(_EMPTY - m) = 0 even next to FLOOR, products stay finite
-_KINDS = {"mile": 0, "focal": 1, "ce": 2}
 
-
-def _tile(rows: int, width: int, largest: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK, num_warps): BLOCK columns (a power of two, at most `largest`) of ROWS rows per program,
-    ROWS > 1 only for narrow rows (so a program still covers up to `largest` elements); 256 elements per warp."""
-    block = min(largest, triton.next_power_of_2(max(width, 1)))
-    tile_rows = min(max(1, largest // block), triton.next_power_of_2(max(rows, 1)))
-    return tile_rows, block, max(1, min(8, tile_rows * block // 256))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _at(index, stride):
@@ -93,7 +67,7 @@ def _floored(z):
 
 
 @triton.jit
-def _row_statistics_kernel(logits_ptr, target_ptr, target_stride, stats_ptr, trailer_ptr, n_rows, width, first_col,
+def row_statistics_kernel(logits_ptr, target_ptr, target_stride, stats_ptr, trailer_ptr, n_rows, width, first_col,
                            inner, stride_outer, stride_inner, stride_col, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_rows
@@ -162,7 +136,7 @@ def _pow(x, gamma):
 
 
 @triton.jit(do_not_specialize=["gamma_bits", "sigma_bits"])
-def _merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entropy_ptr, weight_ptr, saved_ptr,
+def merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entropy_ptr, weight_ptr, saved_ptr,
                   gamma_bits, sigma_bits, KIND: tl.constexpr, BLOCK_ROWS: tl.constexpr):
     gamma = gamma_bits.to(tl.int64).to(tl.float64, bitcast=True)  # the exact fp64 values (see _float64_bits)
     sigma = sigma_bits.to(tl.int64).to(tl.float64, bitcast=True)
@@ -212,7 +186,7 @@ def _merge_kernel(gathered_ptr, rank_stride, tp, n_rows, loss_ptr, ce_ptr, entro
 
 
 @triton.jit
-def _gradient_kernel(logits_ptr, grad_ptr, target_ptr, target_stride, saved_ptr, upstream_ptr, upstream_stride,
+def gradient_kernel(logits_ptr, grad_ptr, target_ptr, target_stride, saved_ptr, upstream_ptr, upstream_stride,
                      n_rows, width, first_col, inner, stride_outer, stride_inner, stride_col, grad_outer, grad_inner,
                      grad_col, ROWS: tl.constexpr, BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -247,124 +221,7 @@ def _interpreted() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - layout of other triton versions
         return False
-    return isinstance(_gradient_kernel, InterpretedFunction)
+    return isinstance(gradient_kernel, InterpretedFunction)
 
 
 INTERPRETED = _interpreted()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------------------------
-
-def _device_guard(tensor: torch.Tensor):
-    if tensor.device.type == "cuda":
-        return torch.cuda.device(tensor.device)
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
-def row_statistics(layout: RowLayout, target: torch.Tensor, first_col: int) -> torch.Tensor:
-    """fp32 [N * 4 + 3]: (m, s, t, zy) per row, then the trailer (width, 0, 0). target: 1-D, any stride."""
-    stats = torch.empty(layout.rows * _STATS + _TRAILER, dtype=torch.float32, device=layout.tensor.device)
-    tile_rows, block, warps = _tile(layout.rows, layout.width, FORWARD_BLOCK)
-    with _device_guard(stats):
-        _row_statistics_kernel[(triton.cdiv(layout.rows, tile_rows),)](
-            layout.tensor, target, target.stride(0), stats, stats[-_TRAILER:], layout.rows, layout.width, first_col,
-            layout.inner, layout.stride_outer, layout.stride_inner, layout.stride_col, ROWS=tile_rows, BLOCK=block,
-            num_warps=warps)
-    return stats
-
-
-def _float64_bits(value: float) -> int:
-    """The fp64 bit pattern of `value` as a signed int64 (the kernel bitcasts it back: exact, no fp32 rounding)."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def merge(gathered: torch.Tensor, rows: int, kind: str, gamma: float, sigma: float):
-    """gathered [tp, N * 4 + 3] -> (loss, ce, entropy, weight) fp32 [N] and saved fp32 [N, 4]."""
-    device = gathered.device
-    loss, ce, entropy, weight = (torch.empty(rows, dtype=torch.float32, device=device) for _ in range(4))
-    saved = torch.empty(rows, _STATS, dtype=torch.float32, device=device)
-    with _device_guard(gathered):
-        _merge_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
-            gathered, gathered.stride(0), gathered.shape[0], rows, loss, ce, entropy, weight, saved,
-            _float64_bits(gamma), _float64_bits(sigma), KIND=_KINDS[kind], BLOCK_ROWS=MERGE_ROWS, num_warps=4)
-    return (loss, ce, entropy, weight), saved
-
-
-def gradient(layout: RowLayout, target: torch.Tensor, saved: torch.Tensor, upstream: torch.Tensor, first_col: int,
-             out: torch.Tensor | None) -> torch.Tensor:
-    """g * w * (p - onehot) in the logits' dtype, into `out` (laid out like the logits) or a new tensor: laid out
-    like the logits when they are dense (a [b, s, V] view of [s, b, V] logits gets an [s, b, V]-ordered gradient,
-    so the layer before needs no copy), else contiguous."""
-    logits = layout.tensor
-    if out is None:
-        out = torch.empty_like(logits)
-        if out.stride() != logits.stride():  # not dense (e.g. a slice): contiguous rows instead
-            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if out.stride() == logits.stride():
-        grad_outer, grad_inner, grad_col = layout.stride_outer, layout.stride_inner, layout.stride_col
-    else:
-        grad_outer, grad_inner, grad_col = layout.inner * layout.width, layout.width, 1
-    tile_rows, block, warps = _tile(layout.rows, layout.width, BACKWARD_BLOCK)
-    grid = (triton.cdiv(layout.rows, tile_rows) * triton.cdiv(layout.width, block),)
-    with _device_guard(logits):
-        _gradient_kernel[grid](
-            logits, out, target, target.stride(0), saved, upstream, upstream.stride(0), layout.rows, layout.width,
-            first_col,
-            layout.inner, layout.stride_outer, layout.stride_inner, layout.stride_col, grad_outer, grad_inner,
-            grad_col, ROWS=tile_rows, BLOCK=block, BF16_BY_BITS=INTERPRETED and logits.dtype == torch.bfloat16,
-            num_warps=warps)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Autograd
-# ---------------------------------------------------------------------------------------------------------------
-
-class TritonWeightedVocabParallelCrossEntropy(torch.autograd.Function):
-    """The Triton twin of vocab_parallel._WeightedVocabParallelCrossEntropy (same inputs, outputs, semantics)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, kind, gamma, sigma, tp_group):
-        layout = row_layout(logits)
-        flat_target = target.reshape(-1)
-        tp_size = group_size(tp_group)
-        first_col = group_rank(tp_group) * layout.width
-
-        stats = row_statistics(layout, flat_target, first_col)
-        checks = _checks_active(logits.device)
-        if checks:  # trailer (width, input-check setting, bad-target flag); device-side fills
-            stats[-2] = 1.0
-            stats[-1:] = ((flat_target < 0) | (flat_target >= layout.width * tp_size)).any()
-        gathered = all_gather_rows(stats, tp_group)  # the one TP collective
-        if _must_read_trailer(checks, tp_group, logits.device):
-            _check_inputs(gathered[:, -_TRAILER:], checks, tp_group)
-        (loss, ce, entropy, weight), saved = merge(gathered, layout.rows, kind, gamma, sigma)
-
-        ctx.save_for_backward(layout.tensor, flat_target, saved)
-        ctx.layout = layout._replace(tensor=None)
-        ctx.first_col = first_col
-        # In place only on request, never into a leaf's memory (its values are the user's), never where two
-        # positions share an address.
-        owner = logits if logits._base is None else logits._base
-        ctx.inplace = inplace_backward() and not owner.is_leaf and has_distinct_elements(layout)
-        ctx.logits_shape = logits.shape
-        shape = target.shape
-        loss, ce, entropy, weight = (x.view(shape) for x in (loss, ce, entropy, weight))
-        ctx.mark_non_differentiable(ce, entropy, weight)
-        return loss, ce, entropy, weight
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
-        logits, flat_target, saved = ctx.saved_tensors
-        layout = ctx.layout._replace(tensor=logits)
-        out = logits if ctx.inplace else None
-        grad = gradient(layout, flat_target, saved, grad_loss.reshape(-1), ctx.first_col, out)
-        if ctx.inplace:
-            torch.autograd.graph.increment_version(logits)  # whoever else saved the logits now fails loudly
-        if grad.shape != ctx.logits_shape:
-            grad = grad.view(ctx.logits_shape)
-        return grad, None, None, None, None, None

@@ -21,7 +21,8 @@ Backward needs no collective: p_j = exp(z_j - M - log1p(S)) is recomputed from t
 d loss_i / d z_ij = g_i * w_i * (p_ij - [j == y_i]) is formed in fp32 (at j = y_i as expm1(-CE), exact when
 p_y ~ 1) and rounded once to the logits' dtype.
 The input logits are never written to (unless the opt-in in-place backward of the Triton path is on).
-On CUDA the same computation runs as fused Triton kernels (mile_megatron/kernels: backend choice, in-place option).
+On CUDA the same computation runs as fused Triton kernels (mile_megatron/loss/triton; backend choice and in-place
+option in mile_megatron/loss/settings.py).
 
 -inf logits (masked vocabulary entries) have p = 0 and add nothing to H (0 log 0 = 0): the statistics read every
 logit below FLOOR = -1e30 as FLOOR, where e^(FLOOR - m) is exactly 0 next to any real logit and the products
@@ -31,11 +32,7 @@ g w (p - onehot), -g w at the target). A row with no logit above FLOOR on any ra
 out uniform over the V_pad columns (H = log V_pad) with CE = +inf (F.cross_entropy gives NaN). NaN and +inf
 logits are not floored: they make the row's results NaN (non-finite checks see them).
 
-Input checks (on by default, set_input_checks / MILE_MEGATRON_INPUT_CHECKS) need host synchronisation and read
-the all-gathered trailer on every rank: shard widths equal, targets in range, and the same input-check setting
-on every TP rank (a rank that skipped a check another rank raised on would wait for it in its next collective).
-With checks off nothing is read on the host, except once per TP group after import or set_input_checks: that one
-read of the trailer (no extra collective) makes a rank whose setting differs from another's raise with it.
+Wire format of the all-gather and the input checks: mile_megatron/loss/common.py.
 """
 
 from __future__ import annotations
@@ -44,37 +41,13 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels import use_triton
+from .common import (FLOOR, STATS, TRAILER, check_trailers, checks_active, must_read_trailer, trailer_values,
+                     validate_target, validate_weight_parameters)
 from .parallel import ProcessGroup, all_gather_rows, group_rank, group_size, resolve_tp_group
-from .settings import env_flag
+from .settings import use_triton
 
 # Rows are processed in chunks of at most this many logits so fp32 temporaries stay bounded (64 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 24
-
-_STATS = 4  # m, s, t, zy per token
-_TRAILER = 3  # shard width, input-check setting (0 / 1), bad-target flag
-FLOOR = -1.0e30  # logits below count as FLOOR in the statistics (module docstring); z_y is read as is
-
-_input_checks = env_flag("MILE_MEGATRON_INPUT_CHECKS", True)
-_agreed_groups: set = set()  # TP groups whose ranks were seen to share this process's input-check setting
-
-
-def set_input_checks(enabled: bool) -> None:
-    """Switch the checks that need a host synchronisation (target range, equal shard widths across TP ranks).
-
-    On by default; MILE_MEGATRON_INPUT_CHECKS (1/true/yes/on, 0/false/no/off) sets it at import. They are skipped
-    automatically while a CUDA graph is being captured. Call it alike on every rank: the next call over a TP group
-    verifies that its ranks agree (one host read with checks off), and every rank raises ValueError if not.
-    """
-    global _input_checks
-    _input_checks = bool(enabled)
-    _agreed_groups.clear()
-
-
-def input_checks() -> bool:
-    """Whether host-synchronising input checks are on."""
-    return _input_checks
-
 
 class TokenLosses(NamedTuple):
     """Per-token results, float32, shape of the target. Only `loss` carries a gradient."""
@@ -97,7 +70,7 @@ def _row_chunks(num_rows: int, width: int):
 def _local_statistics(rows: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor) -> torch.Tensor:
     """[N, 4] = (m, s, t, zy) over this rank's columns, as described in the module docstring."""
     dtype = _compute_dtype(rows.dtype)
-    stats = torch.empty(rows.shape[0], _STATS, dtype=dtype, device=rows.device)
+    stats = torch.empty(rows.shape[0], STATS, dtype=dtype, device=rows.device)
     for chunk in _row_chunks(rows.shape[0], rows.shape[1]):
         z = rows[chunk].to(dtype)
         zy = z.gather(-1, local_target[chunk].unsqueeze(-1)).squeeze(-1)  # unfloored: -inf gives CE = +inf
@@ -128,68 +101,6 @@ def _merge_statistics(per_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return global_max, log_z, ce, entropy
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _checks_active(device: torch.device) -> bool:
-    """Whether this call runs the input checks (host synchronisation): on, and not inside CUDA graph capture."""
-    return _input_checks and not _capturing(device)
-
-
-def _group_key(group: ProcessGroup):
-    return getattr(group, "group_name", None) or id(group)
-
-
-def _must_read_trailer(checks: bool, group: ProcessGroup, device: torch.device) -> bool:
-    """Checks on, or (checks off) the first call over a TP group > 1 since import or set_input_checks."""
-    if checks:
-        return True
-    if group_size(group) == 1 or _capturing(device):
-        return False
-    return _group_key(group) not in _agreed_groups
-
-
-def _trailer(width: int, checks: bool, bad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """This rank's trailer (shard width, input-check setting, bad-target flag); fills only, no host-to-device copy."""
-    def full(value):
-        return torch.full((), value, dtype=like.dtype, device=like.device)
-
-    return torch.stack([full(float(width)), full(float(checks)), full(0.0) if bad is None else bad.to(like.dtype)])
-
-
-def _check_inputs(trailer: torch.Tensor, checks: bool, group: ProcessGroup) -> None:
-    """trailer [tp, 3] from every rank (one host read). Every rank sees the same rows: ranks with checks on raise
-    the same error, and a setting that differs between ranks makes each rank that reads it (all at the first call
-    after import / set_input_checks, then those with checks on) raise."""
-    rows = trailer.tolist()
-    settings = [bool(row[1]) for row in rows]
-    if len(set(settings)) > 1:
-        _agreed_groups.discard(_group_key(group))
-        seen = ", ".join(f"rank {r}: {'on' if on else 'off'}" for r, on in enumerate(settings))
-        raise ValueError(
-            f"the input-check setting (MILE_MEGATRON_INPUT_CHECKS / set_input_checks) differs across the "
-            f"tensor-parallel ranks ({seen}); set it alike on every rank (a rank that skipped a check that "
-            "another rank failed would wait for that rank in its next collective)"
-        )
-    _agreed_groups.add(_group_key(group))
-    if not checks:
-        return
-    widths = [int(row[0]) for row in rows]
-    if len(set(widths)) > 1:
-        raise ValueError(
-            "vocab-parallel logits have different last dimensions on the tensor-parallel ranks "
-            f"({widths}); every rank must hold an equal vocabulary shard "
-            "(pad the vocabulary to a multiple of the TP size, as Megatron does)"
-        )
-    if any(row[2] != 0 for row in rows):
-        vocab = widths[0] * len(rows)
-        raise ValueError(
-            f"target ids must lie in [0, {vocab}) (the padded vocabulary across all TP ranks); "
-            "mask out ignored positions with loss_mask instead of negative or out-of-range ids"
-        )
-
-
 class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
     """loss_i = w_i * CE_i with the weight w_i held constant for the gradient; returns (loss, ce, entropy, w)."""
 
@@ -205,13 +116,13 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
         local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
 
         stats = _local_statistics(rows, local_target, on_rank)
-        checks = _checks_active(logits.device)
+        checks = checks_active(logits.device)
         bad = ((flat_target < 0) | (flat_target >= width * tp_size)).any() if checks else None
-        trailer = _trailer(width, checks, bad, stats)
+        trailer = trailer_values(width, checks, bad, stats)
         gathered = all_gather_rows(torch.cat([stats.view(-1), trailer]), tp_group)  # the one TP collective
-        if _must_read_trailer(checks, tp_group, logits.device):
-            _check_inputs(gathered[:, -_TRAILER:], checks, tp_group)
-        per_rank = gathered[:, :-_TRAILER].view(tp_size, -1, _STATS)
+        if must_read_trailer(checks, tp_group, logits.device):
+            check_trailers(gathered[:, -TRAILER:], checks, tp_group)
+        per_rank = gathered[:, :-TRAILER].view(tp_size, -1, STATS)
         global_max, log_z, ce, entropy = _merge_statistics(per_rank)
 
         if kind == "mile":
@@ -248,28 +159,6 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
-def validate_weight_parameters(gamma: float, sigma: float | None = None) -> None:
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0 (got {gamma}); gamma = 0 gives plain cross-entropy")
-    if sigma is not None and not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0 (got {sigma}); the paper uses sigma = 1")
-
-
-def validate_target(vocab_parallel_logits: torch.Tensor, target: torch.Tensor) -> None:
-    if target.device != vocab_parallel_logits.device:
-        raise ValueError(f"target is on device {target.device} but the logits are on {vocab_parallel_logits.device}; "
-                         "move the target to the logits' device")
-    if not vocab_parallel_logits.is_floating_point():
-        raise ValueError(f"logits must be a floating-point tensor (got {vocab_parallel_logits.dtype})")
-    if vocab_parallel_logits.dim() < 1 or tuple(target.shape) != tuple(vocab_parallel_logits.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} must equal the logits shape without its last (vocabulary) "
-            f"dimension, {tuple(vocab_parallel_logits.shape[:-1])}"
-        )
-    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
-        raise ValueError(f"target must hold integer token ids (got {target.dtype})")
-
-
 def weighted_vocab_parallel_cross_entropy(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
@@ -281,8 +170,8 @@ def weighted_vocab_parallel_cross_entropy(
     """Shared implementation: per-token losses and the (detached) weights w; `kind` in ("mile", "focal", "ce")."""
     group = resolve_tp_group(tp_group)
     function = _WeightedVocabParallelCrossEntropy
-    if use_triton(vocab_parallel_logits):  # same contract, fused kernels (mile_megatron/kernels)
-        from .kernels.triton_loss import TritonWeightedVocabParallelCrossEntropy as function
+    if use_triton(vocab_parallel_logits):  # same contract, fused kernels (loss/triton)
+        from .triton.function import TritonWeightedVocabParallelCrossEntropy as function
     loss, ce, entropy, weight = function.apply(
         vocab_parallel_logits, target.long(), kind, float(gamma), float(sigma), group
     )

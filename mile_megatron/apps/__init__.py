@@ -1,0 +1,1 @@
+"""Applications built on the package: mile-demo (the whole job on CPU) and mile-selfcheck."""
