@@ -16,7 +16,8 @@ _EXPORTS = (
     "ALPHA_MODES", "LOSS_KINDS", "MileLossStats", "MileLossTerms", "TokenLosses", "mile_loss", "mile_loss_terms",
     "mile_loss_with_stats", "vocab_parallel_mile_cross_entropy", "vocab_parallel_focal_cross_entropy",
     "input_checks", "set_input_checks", "loss_backend", "set_loss_backend", "inplace_backward",
-    "set_inplace_backward", "NO_GROUP",
+    "set_inplace_backward", "NO_GROUP", "LinearTokenLosses", "linear_vocab_parallel_cross_entropy",
+    "linear_mile_loss_terms",
 )
 
 __all__ = sorted(_EXPORTS)

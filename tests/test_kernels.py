@@ -259,7 +259,7 @@ def worker_offsets_beyond_2_31(ctx) -> dict | str | None:
     import resource
 
     from mile_megatron.loss.triton import function as triton_loss
-    from mile_megatron.loss.vocab_parallel import _merge_statistics
+    from mile_megatron.loss.vocab_parallel import merge_statistics as _merge_statistics
 
     if ctx.rank != 0:
         return None

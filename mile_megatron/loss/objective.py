@@ -95,7 +95,7 @@ def _official_alpha(kind: str, weight: torch.Tensor, mask: torch.Tensor, gamma: 
     return reciprocal / group_size(dp_group)
 
 
-def _counted_mask(target: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def counted_mask(target: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(target with any valid id at ignored positions, float32 mask)."""
     if loss_mask is None:
         return target, torch.ones(target.shape, dtype=torch.float32, device=target.device)
@@ -109,13 +109,10 @@ def _counted_mask(target: torch.Tensor, loss_mask: torch.Tensor | None) -> tuple
     return torch.where(mask > 0, target, torch.zeros_like(target)), mask
 
 
-def _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, alpha, tp_group, dp_group):
-    validate_loss_settings(kind, alpha, gamma, sigma)
-    validate_target(vocab_parallel_logits, target)
-    target, mask = _counted_mask(target, loss_mask)
-    (token_loss, ce, entropy), weight = weighted_vocab_parallel_cross_entropy(
-        vocab_parallel_logits, target, kind, gamma, sigma, tp_group
-    )
+def terms_from_tokens(token_loss: torch.Tensor, ce: torch.Tensor, entropy: torch.Tensor, weight: torch.Tensor,
+                      mask: torch.Tensor, kind: str, gamma: float, alpha: str,
+                      dp_group: ProcessGroup) -> MileLossTerms:
+    """MileLossTerms of one micro-batch from its per-token results (any implementation) and float mask."""
     # where, not a product: a masked position may hold CE = inf (its placeholder id 0 on a -inf logit)
     counted = mask > 0
     weighted = torch.where(counted, token_loss * mask, torch.zeros_like(token_loss)).sum()
@@ -134,6 +131,16 @@ def _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, al
         num_tokens=num_tokens,
         alpha=scale,
     )
+
+
+def _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, alpha, tp_group, dp_group):
+    validate_loss_settings(kind, alpha, gamma, sigma)
+    validate_target(vocab_parallel_logits, target)
+    target, mask = counted_mask(target, loss_mask)
+    (token_loss, ce, entropy), weight = weighted_vocab_parallel_cross_entropy(
+        vocab_parallel_logits, target, kind, gamma, sigma, tp_group
+    )
+    return terms_from_tokens(token_loss, ce, entropy, weight, mask, kind, gamma, alpha, dp_group)
 
 
 def mile_loss_terms(

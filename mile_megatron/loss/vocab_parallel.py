@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .common import (FLOOR, STATS, TRAILER, check_trailers, checks_active, must_read_trailer, trailer_values,
-                     validate_target, validate_weight_parameters)
+                     validate_target, validate_weight_parameters)  # noqa: F401  (validate_*: public here)
 from .parallel import ProcessGroup, all_gather_rows, group_rank, group_size, resolve_tp_group
 from .settings import use_triton
 
@@ -67,7 +67,14 @@ def _row_chunks(num_rows: int, width: int):
         yield slice(start, min(start + step, num_rows))
 
 
-def _local_statistics(rows: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor) -> torch.Tensor:
+def local_targets(flat_target: torch.Tensor, width: int, tp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column of each target on this rank, or 0; whether the target is one of this rank's columns)."""
+    local_target = flat_target - tp_rank * width
+    on_rank = (local_target >= 0) & (local_target < width)
+    return torch.where(on_rank, local_target, torch.zeros_like(local_target)), on_rank
+
+
+def local_statistics(rows: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor) -> torch.Tensor:
     """[N, 4] = (m, s, t, zy) over this rank's columns, as described in the module docstring."""
     dtype = _compute_dtype(rows.dtype)
     stats = torch.empty(rows.shape[0], STATS, dtype=dtype, device=rows.device)
@@ -86,7 +93,21 @@ def _local_statistics(rows: torch.Tensor, local_target: torch.Tensor, on_rank: t
     return stats
 
 
-def _merge_statistics(per_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather_statistics(stats: torch.Tensor, width: int, flat_target: torch.Tensor, tp_group: ProcessGroup,
+                      device: torch.device) -> torch.Tensor:
+    """This rank's [N, 4] statistics -> every rank's [tp, N, 4], through the one all-gather (with the trailer and
+    the input checks of common.py)."""
+    tp_size = group_size(tp_group)
+    checks = checks_active(device)
+    bad = ((flat_target < 0) | (flat_target >= width * tp_size)).any() if checks else None
+    trailer = trailer_values(width, checks, bad, stats)
+    gathered = all_gather_rows(torch.cat([stats.reshape(-1), trailer]), tp_group)  # the one TP collective
+    if must_read_trailer(checks, tp_group, device):
+        check_trailers(gathered[:, -TRAILER:], checks, tp_group)
+    return gathered[:, :-TRAILER].view(tp_size, -1, STATS)
+
+
+def merge_statistics(per_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """per_rank [tp, N, 4] -> (M, log1p(S), CE, H) per token, exactly as in the module docstring."""
     m, s, t, zy = per_rank.unbind(dim=-1)
     global_max, owner = m.max(dim=0, keepdim=True)
@@ -101,6 +122,29 @@ def _merge_statistics(per_rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return global_max, log_z, ce, entropy
 
 
+def token_weights(kind: str, ce: torch.Tensor, entropy: torch.Tensor, gamma: float, sigma: float) -> torch.Tensor:
+    """w per token: MiLe (sigma + H)^gamma, focal (1 - p_y)^gamma = (-expm1(-CE))^gamma, CE 1."""
+    if kind == "mile":
+        return (sigma + entropy).pow(gamma)
+    if kind == "focal":
+        return (-torch.expm1(-ce)).pow(gamma)
+    return torch.ones_like(ce)
+
+
+def logits_gradient(z: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor, global_max: torch.Tensor,
+                    log_z: torch.Tensor, target_grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """g w (p - onehot) of rows z [n, V] in the compute dtype, with scale = g w and target_grad = expm1(-CE)
+    (p_y - 1 at the target column: exact even when p_y rounds to 1)."""
+    dtype = _compute_dtype(z.dtype)
+    # (z - M) first: it is exact near the maximum, while M + log Z would round at |M| ~ 1e4.
+    shifted = z.to(dtype) - global_max.unsqueeze(-1)
+    probs = (shifted - log_z.unsqueeze(-1)).exp()
+    index = local_target.unsqueeze(-1)
+    at_target = torch.where(on_rank, target_grad, probs.gather(-1, index).squeeze(-1))
+    probs.scatter_(-1, index, at_target.unsqueeze(-1))
+    return probs * scale.unsqueeze(-1)
+
+
 class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
     """loss_i = w_i * CE_i with the weight w_i held constant for the gradient; returns (loss, ce, entropy, w)."""
 
@@ -109,28 +153,11 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
         width = logits.shape[-1]
         rows = logits.reshape(-1, width)
         flat_target = target.reshape(-1)
-        tp_rank, tp_size = group_rank(tp_group), group_size(tp_group)
-        first = tp_rank * width
-        local_target = flat_target - first
-        on_rank = (local_target >= 0) & (local_target < width)
-        local_target = torch.where(on_rank, local_target, torch.zeros_like(local_target))
-
-        stats = _local_statistics(rows, local_target, on_rank)
-        checks = checks_active(logits.device)
-        bad = ((flat_target < 0) | (flat_target >= width * tp_size)).any() if checks else None
-        trailer = trailer_values(width, checks, bad, stats)
-        gathered = all_gather_rows(torch.cat([stats.view(-1), trailer]), tp_group)  # the one TP collective
-        if must_read_trailer(checks, tp_group, logits.device):
-            check_trailers(gathered[:, -TRAILER:], checks, tp_group)
-        per_rank = gathered[:, :-TRAILER].view(tp_size, -1, STATS)
-        global_max, log_z, ce, entropy = _merge_statistics(per_rank)
-
-        if kind == "mile":
-            weight = (sigma + entropy).pow(gamma)
-        elif kind == "focal":
-            weight = (-torch.expm1(-ce)).pow(gamma)  # (1 - p_y)^gamma
-        else:
-            weight = torch.ones_like(ce)
+        local_target, on_rank = local_targets(flat_target, width, group_rank(tp_group))
+        stats = local_statistics(rows, local_target, on_rank)
+        per_rank = gather_statistics(stats, width, flat_target, tp_group, logits.device)
+        global_max, log_z, ce, entropy = merge_statistics(per_rank)
+        weight = token_weights(kind, ce, entropy, gamma, sigma)
 
         ctx.save_for_backward(rows, local_target, on_rank, global_max, log_z, ce, weight)
         ctx.logits_shape = logits.shape
@@ -143,19 +170,12 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
         rows, local_target, on_rank, global_max, log_z, ce, weight = ctx.saved_tensors
-        dtype = _compute_dtype(rows.dtype)
-        scale = grad_loss.reshape(-1).to(dtype) * weight  # g_i * w_i
-        # At the target column p_y - 1 = expm1(-CE): exact even when p_y rounds to 1.
+        scale = grad_loss.reshape(-1).to(_compute_dtype(rows.dtype)) * weight  # g_i * w_i
         target_grad = torch.expm1(-ce)
         grad = torch.empty_like(rows, memory_format=torch.contiguous_format)
         for chunk in _row_chunks(rows.shape[0], rows.shape[1]):
-            # (z - M) first: it is exact near the maximum, while M + log Z would round at |M| ~ 1e4.
-            shifted = rows[chunk].to(dtype) - global_max[chunk].unsqueeze(-1)
-            probs = (shifted - log_z[chunk].unsqueeze(-1)).exp()
-            index = local_target[chunk].unsqueeze(-1)
-            at_target = torch.where(on_rank[chunk], target_grad[chunk], probs.gather(-1, index).squeeze(-1))
-            probs.scatter_(-1, index, at_target.unsqueeze(-1))
-            grad[chunk] = (probs * scale[chunk].unsqueeze(-1)).to(rows.dtype)
+            grad[chunk] = logits_gradient(rows[chunk], local_target[chunk], on_rank[chunk], global_max[chunk],
+                                          log_z[chunk], target_grad[chunk], scale[chunk]).to(rows.dtype)
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
