@@ -33,10 +33,14 @@ def run_specs(data: Path) -> dict[str, tuple[int, list[str], dict]]:
         "tp2pp2": (4, tiny_flags(data, "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                  train_iters=TRAIN_ITERS), {}),
         "pp2": (2, tiny_flags(data, "--pipeline-model-parallel-size", "2", train_iters=TRAIN_ITERS), {}),
+        # the unfused output layer (its logits are dumped and checked)
         "dp2_bf16": (2, tiny_flags(data, "--bf16", *RECOMPUTE, "--use-distributed-optimizer",
-                                   train_iters=TRAIN_ITERS),
+                                   "--no-mile-fused-output-layer", train_iters=TRAIN_ITERS),
                      {"env": {"TEST_DUMP_DIR": str(data.parent / "dp2_bf16_dump")}}),
         "tp1": (1, tiny_flags(data, train_iters=TRAIN_ITERS), {}),
+        # tp2 fuses the output layer into the loss (the default); this one computes the loss from the logits.
+        "tp2_unfused": (2, tiny_flags(data, "--tensor-model-parallel-size", "2", "--no-mile-fused-output-layer",
+                                      "--save-interval", str(SAVE_AT), train_iters=TRAIN_ITERS), {"save": True}),
         "gamma0": (1, tiny_flags(data, "--loss", "mile", "--mile-gamma", "0", train_iters=NAN_AT + 1), {}),
         # Plain CE; a NaN is injected at iteration NAN_AT, which Megatron's checks must catch.
         "ce_nan": (1, tiny_flags(data, "--loss", "ce", train_iters=NAN_AT + 1),
@@ -65,6 +69,7 @@ NEEDS = {
     "test_killed_rank_and_relaunch_reproduce_the_uninterrupted_losses": ["tp2"],
     "test_fp16_mile_and_focal_train_as_stably_as_cross_entropy": ["fp16_ce", "fp16_mile", "fp16_focal"],
     "test_megatron_layer_spec_flags_reach_the_model": ["qk_layernorm"],
+    "test_fused_and_unfused_output_layer_train_identically": ["tp2", "tp2_unfused"],
 }
 
 
@@ -74,7 +79,7 @@ def runs(tmp_path_factory, request) -> RunCache:
     cache = RunCache(workdir, write_pattern_dataset(workdir / "pattern"), run_specs(workdir / "pattern"))
     selected = {item.name for item in request.session.items}
     order = ["tp2pp2", "tp2", "pp2", "dp2_bf16", "tp1", "gamma0", "ce_nan", "fp16_ce", "fp16_mile", "fp16_focal",
-             "qk_layernorm"]
+             "qk_layernorm", "tp2_unfused"]
     cache.prefetch([name for name in order if any(name in NEEDS.get(test, ()) for test in selected)])
     yield cache
     cache.close()
@@ -328,3 +333,36 @@ def test_megatron_layer_spec_flags_reach_the_model(runs):
     names = (runs.workdir / "qk_parameters.txt").read_text().split()
     assert sum("q_layernorm" in name for name in names) == 2 and sum("k_layernorm" in name for name in names) == 2
     assert run.iteration_ce() and all(math.isfinite(v) for v in run.iteration_ce().values())
+
+
+def test_fused_and_unfused_output_layer_train_identically(runs):
+    """--mile-fused-output-layer (the default: the output layer's matmul inside the chunked loss) and the loss on
+    the materialised logits give the same losses at every step and the same parameters after TRAIN_ITERS steps
+    (TP=2, fp32, 1e-5 relative)."""
+    from mile_megatron.convert.checkpoint_reader import open_checkpoint
+
+    fused, unfused = runs.get("tp2"), runs.get("tp2_unfused")
+    assert "--mile-fused-output-layer" not in " ".join(tiny_flags(Path("x")))
+    assert_same_losses(unfused, fused, range(1, TRAIN_ITERS + 1), tolerance=1e-5)
+    with open_checkpoint(fused.save_dir, TRAIN_ITERS) as a, open_checkpoint(unfused.save_dir, TRAIN_ITERS) as b:
+        pairs = [(a.model_tensor(name), b.model_tensor(name))
+                 for name in ("word_embeddings", "final_layernorm", "output_layer")]
+        for index in range(int(a.args.num_layers)):
+            layer_a, layer_b = a.layer(index), b.layer(index)
+            pairs += [(layer_a[name], layer_b[name]) for name in layer_a]
+    for x, y in pairs:
+        assert float((x.float() - y.float()).abs().max()) <= 1e-5 * float(y.float().abs().max())
+
+
+def test_megatron_assertions_are_reported_by_their_check(capsys, monkeypatch):
+    """Megatron's argument asserts often have no message: mile-pretrain names the failing check (exit status 2)."""
+    from mile_megatron.engines.megatron.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mile-pretrain"])
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--preset", "tiny", "--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--mock-data",
+              "--save", "/nonexistent/checkpoints"])  # no --cpu: CPU mode would patch this test process
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "mile-pretrain: error: Megatron rejected the arguments: assert args.save_interval is not None" in error

@@ -153,6 +153,9 @@ def check_supported(args: argparse.Namespace, cpu: bool) -> None:
         problems.append("multi-token prediction (--mtp-num-layers) is not supported by mile-pretrain")
     if getattr(args, "overlap_moe_expert_parallel_comm", False):
         problems.append("--overlap-moe-expert-parallel-comm (MoE schedule plans) is not supported")
+    if getattr(args, "mile_fused_output_layer", False) and getattr(args, "use_mup", False):
+        problems.append("--use-mup scales the logits, which the fused output layer never forms; add "
+                        "--no-mile-fused-output-layer")
     if not getattr(args, "calculate_per_token_loss", True):
         problems.append("the MiLe loss needs --calculate-per-token-loss")
     problems += unsupported_data_settings(args)
@@ -180,7 +183,11 @@ def _parse_megatron_args(megatron_argv: list[str], cpu: bool) -> argparse.Namesp
     try:
         return parse_and_validate_args(extra_args_provider=add_arguments)
     except AssertionError as error:
-        raise UsageError(f"Megatron rejected the arguments: {error}") from error
+        import traceback
+
+        # Megatron's asserts often carry no message: name the failing check itself
+        detail = str(error) or (traceback.extract_tb(error.__traceback__)[-1].line or "an assertion")
+        raise UsageError(f"Megatron rejected the arguments: {detail}") from error
 
 
 def print_help() -> None:

@@ -29,11 +29,25 @@ if TYPE_CHECKING:
 SPIKY_LOSS_FACTOR = 10  # as upstream pretrain_gpt.py: a loss 10x the largest seen so far is a spike
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_megatron_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Megatron extra_args_provider: the loss flags (mile_megatron.loss.arguments) and --mile-loss-log."""
+    """Megatron extra_args_provider: the loss flags (mile_megatron.loss.arguments), --mile-loss-log and the fused
+    output layer's flags."""
     add_loss_arguments(parser)
-    parser.add_argument("--mile-loss-log", type=str, default=None, metavar="PATH",
-                        help="append one JSON line per micro-batch (last pipeline stage, TP rank 0)")
+    group = parser.add_argument_group("MiLe loss: output layer and logging")
+    group.add_argument("--mile-fused-output-layer", action=argparse.BooleanOptionalAction, default=True,
+                       help="fuse the output layer into the loss, chunked over tokens, so the logits never exist "
+                            "whole (default on; --no-mile-fused-output-layer computes the loss from the logits)")
+    group.add_argument("--mile-chunk-tokens", type=_positive_int, default=None, metavar="T",
+                       help="tokens per chunk of the fused output layer (default: about tokens x hidden / (V/tp))")
+    group.add_argument("--mile-loss-log", type=str, default=None, metavar="PATH",
+                       help="append one JSON line per micro-batch (last pipeline stage, TP rank 0)")
     return parser
 
 
@@ -147,9 +161,11 @@ _loss_log = _LossLog()
 
 def mile_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor,
                    model: Any = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Megatron loss_func (--calculate-per-token-loss) on GPTModel's vocab-parallel logits, without result checks.
+    """Megatron loss_func (--calculate-per-token-loss) on GPTModel's output, without result checks: the packed loss
+    terms of the fused output layer (model.fused_loss_terms), or with --no-mile-fused-output-layer the
+    vocab-parallel logits, whose terms are computed here (mile_megatron.loss.mile_loss_terms).
 
-    Returns (numerator, num_tokens, report) of mile_megatron.loss.mile_loss_terms: Megatron back-propagates the
+    Returns (numerator, num_tokens, report) of the terms: Megatron back-propagates the
     numerator sum(alpha * w * CE * mask) of each micro-batch, and a training micro-batch adds its denominator
     (sum(w * mask) for --mile-alpha global, else sum(mask)) to the model's StepNormalization, which divides the
     step's gradients by the global sum. No data-parallel collective runs here (except the paper's per-micro-batch
@@ -165,13 +181,17 @@ def mile_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tensor:
     from mile_megatron.loss import mile_loss_terms
 
     from . import metrics
+    from .model import unpack_terms
 
     args = get_args()
     if not args.calculate_per_token_loss:
         raise UsageError("the MiLe loss needs --calculate-per-token-loss: it normalises the step's gradients once "
                          "over the global batch (mile-pretrain always sets it; add it to the patched script's flags)")
-    terms = mile_loss_terms(output_tensor, labels, loss_mask, kind=args.loss, gamma=args.mile_gamma,
-                            sigma=args.mile_sigma, alpha=args.mile_alpha)
+    if getattr(args, "mile_fused_output_layer", False):
+        terms = unpack_terms(output_tensor)
+    else:
+        terms = mile_loss_terms(output_tensor, labels, loss_mask, kind=args.loss, gamma=args.mile_gamma,
+                                sigma=args.mile_sigma, alpha=args.mile_alpha)
     training = model is None or model.training
     normalization = step_normalization_of(model) if model is not None else None
     if training and normalization is not None:
@@ -247,8 +267,8 @@ def logits_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, output_tenso
 class ForwardHooks:
     """Optional seams of forward_step, for instrumentation and tests.
 
-    logits(logits, model) -> logits: sees (and may replace) the model's logits before the loss (last pipeline
-        stage only).
+    logits(output, model) -> output: sees (and may replace) the model's output before the loss (last pipeline
+        stage only): the logits, or the packed loss terms of the fused output layer (model.pack_terms).
     loss_func(loss_func, batch, model) -> loss_func: wraps the micro-batch's loss function; batch is get_batch's.
     """
 
@@ -258,8 +278,8 @@ class ForwardHooks:
 
 def forward_step(data_iterator: Any, model: Any, return_schedule_plan: bool = False, *,
                  hooks: ForwardHooks | None = None):
-    """Megatron forward_step_func: vocab-parallel logits from the model (model.model_forward_kwargs), the loss from
-    logits_loss_func."""
+    """Megatron forward_step_func: the model's output (model.model_forward_kwargs: packed loss terms, or the
+    vocab-parallel logits), the loss from logits_loss_func."""
     from megatron.core.utils import get_attr_wrapped_model
     from megatron.training import get_args, get_timers
 
