@@ -11,7 +11,10 @@
 #   summary.txt               card, versions, each step's exit status and duration, then the two tables
 #   loss_bench.json           benchmarks/loss_bench.py (3 shapes x every method)
 #   loss_bench_tp2.json       the same with --tp 2 (only when 2 or more GPUs are visible)
-#   pretrain_step_bench.json  benchmarks/pretrain_step_bench.py (468m preset: mile, megatron-ce, ce, megatron-fused-ce)
+#   linear_loss_bench.json    benchmarks/linear_loss_bench.py (output layer + loss, fused vs unfused)
+#   pretrain_step_bench.json  benchmarks/pretrain_step_bench.py (468m preset: mile (fused), mile-unfused, megatron-ce,
+#                             ce, megatron-fused-ce)
+#   pretrain_step_1.2b.json   the same for the 1.2b preset, mile (fused) and mile-unfused
 #   logs.tar.gz               pytest.log, every step's output and every pretraining run's log
 # Exit status: the number of steps that failed (0 = all passed).
 set -uo pipefail
@@ -57,7 +60,7 @@ PY
 gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 
 # 1. GPU tests (the kernel tests run at full size when CUDA is present).
-step pytest 90 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_loss_api.py
+step pytest 120 "$PYTHON" -m pytest -q -x tests/test_kernels.py tests/test_loss_api.py tests/test_linear_loss.py
 step selfcheck 60 "$PYTHON" -m mile_megatron.apps.selfcheck --device cuda
 # 2. Loss benchmark (writes its JSON after every shape, so a timeout keeps the finished shapes).
 step loss_bench 140 "$PYTHON" benchmarks/loss_bench.py --json "$out/loss_bench.json"
@@ -65,11 +68,15 @@ if [[ "$gpus" -ge 2 ]]; then
     step loss_bench_tp2 90 "$PYTHON" benchmarks/loss_bench.py --tp 2 --shapes 16384x32000 8192x128256 \
         --json "$out/loss_bench_tp2.json"
 fi
+step linear_loss_bench 90 "$PYTHON" benchmarks/linear_loss_bench.py --json "$out/linear_loss_bench.json"
 # 3. Pretraining step (one run per variant, each killed after 110 s; the JSON is written after every run).
-step pretrain_step_bench 260 "$PYTHON" benchmarks/pretrain_step_bench.py --json "$out/pretrain_step_bench.json" \
+step pretrain_step_bench 300 "$PYTHON" benchmarks/pretrain_step_bench.py --json "$out/pretrain_step_bench.json" \
     --log-dir "$out/logs/pretrain_runs" --timeout 110
+step pretrain_step_1.2b 160 "$PYTHON" benchmarks/pretrain_step_bench.py --preset 1.2b --micro-batch-size 8 \
+    --variants mile mile-unfused --json "$out/pretrain_step_1.2b.json" --log-dir "$out/logs/pretrain_runs_1.2b" \
+    --timeout 75
 
-for name in selfcheck loss_bench loss_bench_tp2 pretrain_step_bench; do
+for name in selfcheck loss_bench loss_bench_tp2 linear_loss_bench pretrain_step_bench pretrain_step_1.2b; do
     if [[ -f "$out/logs/$name.log" ]]; then
         note ""
         note "== $name"

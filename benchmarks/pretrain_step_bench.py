@@ -7,7 +7,9 @@
 Each variant is one run of the real entry point (mile_megatron.engines.megatron under torchrun, one process):
 468m preset, bf16, local layer spec, 16 sequences x 1024 tokens = 16384 tokens per step (global batch 16),
 mock data with a 32000-entry NullTokenizer vocabulary, --train-iters steps, logging every step. Variants:
-  mile               mile-pretrain --loss mile (this project's loss; backend auto = the Triton kernels on CUDA)
+  mile               mile-pretrain --loss mile (this project's loss with the output layer fused into it, the
+                     default; backend auto = the Triton kernels on CUDA)
+  mile-unfused       the same with --no-mile-fused-output-layer (the loss computed from the materialised logits)
   ce                 mile-pretrain --loss ce (the same code with w = 1)
   megatron-ce        Megatron's own cross-entropy: Megatron's GPTModel gets the labels and computes
                      vocab_parallel_cross_entropy itself, as in Megatron's own GPT training script. mile-pretrain
@@ -63,7 +65,9 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("mile", "mile", "mile-pretrain --loss mile (this project's loss, backend auto)"),
+    Variant("mile", "mile", "mile-pretrain --loss mile (output layer fused into the loss, backend auto)"),
+    Variant("mile-unfused", "mile", "mile-pretrain --loss mile --no-mile-fused-output-layer (loss on the logits)",
+            extra_flags=("--no-mile-fused-output-layer",)),
     Variant("megatron-ce", "ce", "Megatron's vocab_parallel_cross_entropy computed inside GPTModel (labels given)"),
     Variant("ce", "ce", "mile-pretrain --loss ce (this project's loss with w = 1, backend auto)"),
     Variant("megatron-fused-ce", "ce", "Megatron's fused cross-entropy (--cross-entropy-loss-fusion, native)",
@@ -74,7 +78,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("compile-mile", "mile", "the paper's formula under torch.compile in place of mile_loss_terms"),
 )
 VARIANT_NAMES = tuple(variant.name for variant in VARIANTS)
-DEFAULT_VARIANTS = ("mile", "megatron-ce", "ce", "megatron-fused-ce")
+DEFAULT_VARIANTS = ("mile", "mile-unfused", "megatron-ce", "ce", "megatron-fused-ce")
 SMOKE_VARIANTS = ("mile", "megatron-ce")
 
 

@@ -23,6 +23,7 @@ BENCHMARKS = REPO / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import loss_bench  # noqa: E402
+import linear_loss_bench  # noqa: E402
 import pretrain_step_bench  # noqa: E402
 
 from mile_megatron.loss.reference import RefBatch, mile_loss_reference  # noqa: E402
@@ -48,6 +49,7 @@ def runs(tmp_path_factory):
     specs = {
         "loss": ([str(BENCHMARKS / "loss_bench.py"), "--smoke", "--json", str(work / "loss.json")], {}),
         "step": ([str(BENCHMARKS / "pretrain_step_bench.py"), "--smoke", "--json", str(work / "step.json")], {}),
+        "linear": ([str(BENCHMARKS / "linear_loss_bench.py"), "--smoke", "--json", str(work / "linear.json")], {}),
     }
     specs["triton"] = ([str(BENCHMARKS / "loss_bench.py"), "--smoke", "--methods", "ours-triton-mile",
                         "--shapes", TRITON_SHAPE, "--warmup", "0", "--repeats", "1",
@@ -63,7 +65,7 @@ def runs(tmp_path_factory):
             process.kill()
             output, _ = process.communicate()
             raise AssertionError(f"{name} smoke run timed out after {TIMEOUT_S} s:\n{output[-6000:]}")
-        json_path = work / {"loss": "loss.json", "step": "step.json", "triton": "triton.json"}[name]
+        json_path = work / f"{name}.json"
         assert process.returncode == 0, f"{name} smoke run exited {process.returncode}:\n{output[-6000:]}"
         results[name] = (output, json.loads(json_path.read_text()))
     return results
@@ -187,3 +189,19 @@ def test_pretrain_step_bench_parses_megatron_logs_and_flags_failures():
     assert failed["status"] == "error" and "exit status 1" in failed["reason"] and "boom" in failed["reason"]
     timed_out = pretrain_step_bench.parse_run(variant, good, None, args)
     assert timed_out["status"] == "error" and "timed out" in timed_out["reason"]
+
+
+def test_linear_loss_bench_smoke_compares_fused_and_unfused(runs):
+    """The fused output layer + loss and the unfused one on the same inputs: one row each per shape, the fused row
+    with its time ratio and the loss and gradient differences (tiny on CPU fp32)."""
+    output, result = runs["linear"]
+    assert result["benchmark"] == "linear_loss_bench" and result["complete"] is True
+    assert "targets on one H100" in output
+    shapes = {row["shape"] for row in result["rows"]}
+    assert shapes == set(linear_loss_bench.SMOKE_SHAPES)
+    for row in result["rows"]:
+        assert row["method"] in ("fused", "unfused") and finite(row["time_ms"]) and finite(row["loss"])
+        if row["method"] == "fused":
+            assert finite(row["time_ratio"]) and row["peak_ratio"] is None  # peak memory: CUDA only
+            assert row["loss_abs_diff"] < 1e-5 and row["grad_hidden_rel_diff"] < 1e-5
+            assert row["grad_weight_rel_diff"] < 1e-5
