@@ -1,6 +1,6 @@
 """MiLe for Hugging Face causal LMs: the loss (transformers hooks), the paper's LLaMA configs, and Megatron's data.
 
-    loss:   causal_lm_loss, MileCausalLMLoss, use_mile_loss            (mile_megatron.hf.loss)
+    loss:   causal_lm_loss, causal_lm_loss_terms, MileCausalLMLoss, use_mile_loss   (mile_megatron.hf.loss)
     models: llama_config, build_model                                   (mile_megatron.hf.models)
     data:   build_tokenizer, build_datasets, train_valid_test_num_samples, pretraining_loader
                                                                         (mile_megatron.hf.data)
@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "causal_lm_loss": "loss",
+    "causal_lm_loss_terms": "loss",
     "MileCausalLMLoss": "loss",
     "use_mile_loss": "loss",
     "llama_config": "models",
