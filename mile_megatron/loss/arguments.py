@@ -23,6 +23,17 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def add_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the loss flags to `parser` (as an argument group); returns the parser (Megatron's extra_args_provider)."""
     group = parser.add_argument_group("MiLe loss")

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mile_megatron.loss.arguments import add_loss_arguments, non_negative_float
+from mile_megatron.loss.arguments import add_loss_arguments, non_negative_float, positive_int
 from mile_megatron.loss.settings import env_flag
 from mile_megatron.recipes import PRESET_NAMES, RECIPES, recipe
 from mile_megatron.utils.errors import UsageError
@@ -66,13 +66,6 @@ PAPER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -92,13 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--init-method-std", type=float, default=None, help="weight init std (preset's by default)")
     model.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                        help="recompute activations in the backward pass (on for the 6.7b preset)")
-    model.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=1,
+    model.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=1,
                        help="pad a fresh model's vocabulary to a multiple of this (1: the tokenizer's size)")
 
     tokenizer = parser.add_argument_group("tokenizer (exactly one)")
     tokenizer.add_argument("--tokenizer-model", metavar="PATH", help="SentencePiece .model (e.g. LLaMA's)")
     tokenizer.add_argument("--hf-tokenizer", metavar="DIR", help="Hugging Face tokenizer directory")
-    tokenizer.add_argument("--vocab-size", type=_positive_int, help="synthetic ids 0..N-1 (NullTokenizer, eod N-1)")
+    tokenizer.add_argument("--vocab-size", type=positive_int, help="synthetic ids 0..N-1 (NullTokenizer, eod N-1)")
 
     data = parser.add_argument_group("data (exactly one source; the files mile-preprocess writes)")
     data.add_argument("--data-path", nargs="+", metavar="[WEIGHT] PREFIX", help="Megatron --data-path")
@@ -111,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-cache-path", metavar="DIR", help="where Megatron caches dataset indices")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--seq-length", type=_positive_int)
-    training.add_argument("--micro-batch-size", type=_positive_int, help="sequences per process and micro-batch")
-    training.add_argument("--global-batch-size", type=_positive_int,
+    training.add_argument("--seq-length", type=positive_int)
+    training.add_argument("--micro-batch-size", type=positive_int, help="sequences per process and micro-batch")
+    training.add_argument("--global-batch-size", type=positive_int,
                           help="sequences per optimizer step = micro batch x accumulation x data-parallel size")
-    training.add_argument("--train-iters", type=_positive_int, help="optimizer steps")
+    training.add_argument("--train-iters", type=positive_int, help="optimizer steps")
     training.add_argument("--lr", type=non_negative_float)
     training.add_argument("--min-lr", type=non_negative_float)
     training.add_argument("--lr-warmup-iters", type=_non_negative_int)
@@ -143,12 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("checkpoints, export and logging")
     output.add_argument("--save", metavar="DIR", help="DeepSpeed checkpoint directory")
-    output.add_argument("--save-interval", type=_positive_int, help="save every N steps (and at the end)")
+    output.add_argument("--save-interval", type=positive_int, help="save every N steps (and at the end)")
     output.add_argument("--load", metavar="DIR", help="resume from the newest checkpoint in DIR (if any)")
     output.add_argument("--export-hf", metavar="DIR", help="write a Hugging Face model here at the end")
     output.add_argument("--export-dtype", choices=("fp32", "bf16"), default="fp32",
                         help="dtype of the exported weights (default fp32, the master weights)")
-    output.add_argument("--log-interval", type=_positive_int, help="stdout line every N steps")
+    output.add_argument("--log-interval", type=positive_int, help="stdout line every N steps")
     output.add_argument("--loss-log", metavar="PATH", help="append one JSON line per step")
 
     add_loss_arguments(parser)

@@ -20,20 +20,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from mile_megatron.loss.arguments import add_loss_arguments
+from mile_megatron.loss.arguments import add_loss_arguments, positive_int
 from mile_megatron.utils.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
 SPIKY_LOSS_FACTOR = 10  # as upstream pretrain_gpt.py: a loss 10x the largest seen so far is a spike
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_megatron_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,7 +37,7 @@ def add_megatron_loss_arguments(parser: argparse.ArgumentParser) -> argparse.Arg
     group.add_argument("--mile-fused-output-layer", action=argparse.BooleanOptionalAction, default=True,
                        help="fuse the output layer into the loss, chunked over tokens, so the logits never exist "
                             "whole (default on; --no-mile-fused-output-layer computes the loss from the logits)")
-    group.add_argument("--mile-chunk-tokens", type=_positive_int, default=None, metavar="T",
+    group.add_argument("--mile-chunk-tokens", type=positive_int, default=None, metavar="T",
                        help="tokens per chunk of the fused output layer (default: about tokens x hidden / (V/tp))")
     group.add_argument("--mile-loss-log", type=str, default=None, metavar="PATH",
                        help="append one JSON line per micro-batch (last pipeline stage, TP rank 0)")
