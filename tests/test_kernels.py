@@ -259,7 +259,7 @@ def worker_offsets_beyond_2_31(ctx) -> dict | str | None:
     import resource
 
     from mile_megatron.loss.triton import function as triton_loss
-    from mile_megatron.loss.vocab_parallel import merge_statistics as _merge_statistics
+    from mile_megatron.loss.vocab_parallel import merge_statistics
 
     if ctx.rank != 0:
         return None
@@ -307,7 +307,7 @@ def worker_offsets_beyond_2_31(ctx) -> dict | str | None:
     gathered.zero_()
     gathered[:, :rows * 4].copy_(per_rank.reshape(3, -1))
     (_, ce, entropy, _), _ = triton_loss.merge(gathered, rows, "ce", 1.0, 0.0)
-    _, _, expected_ce, expected_entropy = _merge_statistics(per_rank.double())
+    _, _, expected_ce, expected_entropy = merge_statistics(per_rank.double())
     report["merge"] = max(lc.value_error(ce, expected_ce), lc.value_error(entropy, expected_entropy))
     report["resident_growth_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     del big, logits, leaf, out_view, gathered

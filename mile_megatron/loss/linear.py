@@ -34,12 +34,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from .common import STATS, TRAILER, validate_weight_parameters
+from .common import STATS, TRAILER
 from .objective import MileLossTerms, counted_mask, terms_from_tokens, validate_loss_settings
-from .parallel import ProcessGroup, group_rank, group_size, resolve_dp_group, resolve_tp_group
+from .parallel import ProcessGroup, group_rank, group_size, resolve_tp_group
 from .settings import use_triton
 from .vocab_parallel import (gather_statistics, local_statistics, local_targets, logits_gradient, merge_statistics,
-                             token_weights)
+                             token_outputs, token_weights)
 
 
 class LinearTokenLosses(NamedTuple):
@@ -99,12 +99,12 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
         stats = torch.empty(rows.shape[0], STATS, dtype=torch.float64 if rows.dtype == torch.float64 else torch.float32,
                             device=rows.device)
         triton = rows.shape[0] > 0 and use_triton(rows)
+        if triton:
+            from .triton.function import row_statistics
+            from .triton.layout import row_layout
         for part in _chunks(rows.shape[0], chunk):
             logits = rows[part] @ weight.t()
             if triton:
-                from .triton.function import row_statistics
-                from .triton.layout import row_layout
-
                 statistics = row_statistics(row_layout(logits), flat_target[part], tp_rank * width)
                 stats[part] = statistics[:-TRAILER].view(-1, STATS)
             else:
@@ -116,11 +116,7 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(hidden, weight, flat_target, local_target, on_rank, global_max, log_z, ce, token_weight)
         ctx.settings = (tp_group, sequence_parallel, chunk, accumulate_into_main_grad, triton)
-        shape = target.shape
-        loss = (token_weight * ce).float().view(shape)
-        ce, entropy, token_weight = (x.float().view(shape) for x in (ce, entropy, token_weight))
-        ctx.mark_non_differentiable(ce, entropy, token_weight)
-        return loss, ce, entropy, token_weight
+        return token_outputs(ctx, ce, entropy, token_weight, target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
@@ -128,7 +124,6 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
         tp_group, sequence_parallel, chunk, accumulate_into_main_grad, triton = ctx.settings
         full = _all_gather_first_dim(hidden, tp_group) if sequence_parallel else hidden
         rows = full.reshape(-1, full.shape[-1])
-        scale = grad_loss.reshape(-1).to(global_max.dtype) * token_weight  # g_i * w_i
         target_grad = torch.expm1(-ce)  # p_y - 1 at the target column
         grad_rows = torch.empty_like(rows)
         main_grad = getattr(weight, "main_grad", None) if accumulate_into_main_grad else None
@@ -137,14 +132,17 @@ class _LinearWeightedCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device)
         else:
             grad_weight = main_grad
-        first_col = group_rank(tp_group) * weight.shape[0]
-        saved = torch.stack([global_max, log_z, token_weight, target_grad], dim=1).float() if triton else None
+        if triton:
+            from .triton.function import gradient
+            from .triton.layout import row_layout
+
+            first_col = group_rank(tp_group) * weight.shape[0]
+            saved = torch.stack([global_max, log_z, token_weight, target_grad], dim=1).float()
+        else:
+            scale = grad_loss.reshape(-1).to(global_max.dtype) * token_weight  # g_i * w_i
         for part in _chunks(rows.shape[0], chunk):
             logits = rows[part] @ weight.t()
             if triton:
-                from .triton.function import gradient
-                from .triton.layout import row_layout
-
                 upstream = grad_loss.reshape(-1)[part].float()
                 logits_grad = gradient(row_layout(logits), flat_target[part], saved[part], upstream, first_col,
                                        out=logits)  # in place: the chunk's logits are ours
@@ -259,10 +257,8 @@ def linear_mile_loss_terms(
     """mile_loss_terms (objective.py) of the logits hidden @ weight.T, fused as linear_vocab_parallel_cross_entropy:
     one micro-batch's numerator and denominator of the step loss; target and loss_mask cover the whole [s, b]."""
     validate_loss_settings(kind, alpha, gamma, sigma)
-    validate_weight_parameters(gamma, sigma)
     target, mask = counted_mask(target, loss_mask)
     token_loss, ce, entropy, token_weight = linear_weighted_vocab_parallel_cross_entropy(
         hidden, weight, target, kind, gamma, sigma, tp_group, sequence_parallel=sequence_parallel,
         chunk_tokens=chunk_tokens, gradient_accumulation_fusion=gradient_accumulation_fusion)
-    return terms_from_tokens(token_loss, ce, entropy, token_weight, mask, kind, gamma, alpha,
-                             resolve_dp_group(dp_group))
+    return terms_from_tokens(token_loss, ce, entropy, token_weight, mask, kind, gamma, alpha, dp_group)

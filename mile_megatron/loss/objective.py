@@ -133,16 +133,6 @@ def terms_from_tokens(token_loss: torch.Tensor, ce: torch.Tensor, entropy: torch
     )
 
 
-def _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, alpha, tp_group, dp_group):
-    validate_loss_settings(kind, alpha, gamma, sigma)
-    validate_target(vocab_parallel_logits, target)
-    target, mask = counted_mask(target, loss_mask)
-    (token_loss, ce, entropy), weight = weighted_vocab_parallel_cross_entropy(
-        vocab_parallel_logits, target, kind, gamma, sigma, tp_group
-    )
-    return terms_from_tokens(token_loss, ce, entropy, weight, mask, kind, gamma, alpha, dp_group)
-
-
 def mile_loss_terms(
     vocab_parallel_logits: torch.Tensor,
     target: torch.Tensor,
@@ -162,7 +152,13 @@ def mile_loss_terms(
     The forward has one tensor-parallel all-gather and, for alpha "global" and "none", no data-parallel collective
     (dp_group is used only by "official"). tp_group / dp_group = None: Megatron's groups when initialised.
     """
-    return _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, alpha, tp_group, dp_group)
+    validate_loss_settings(kind, alpha, gamma, sigma)
+    validate_target(vocab_parallel_logits, target)
+    target, mask = counted_mask(target, loss_mask)
+    (token_loss, ce, entropy), weight = weighted_vocab_parallel_cross_entropy(
+        vocab_parallel_logits, target, kind, gamma, sigma, tp_group
+    )
+    return terms_from_tokens(token_loss, ce, entropy, weight, mask, kind, gamma, alpha, dp_group)
 
 
 def mile_loss_with_stats(
@@ -178,7 +174,8 @@ def mile_loss_with_stats(
     dp_group: ProcessGroup = None,
 ) -> MileLossStats:
     """Like mile_loss, also returning the sums a trainer logs or reduces itself (see MileLossStats)."""
-    terms = _loss_terms(vocab_parallel_logits, target, loss_mask, kind, gamma, sigma, alpha, tp_group, dp_group)
+    terms = mile_loss_terms(vocab_parallel_logits, target, loss_mask, kind=kind, gamma=gamma, sigma=sigma,
+                            alpha=alpha, tp_group=tp_group, dp_group=dp_group)
     loss_sum, scale = terms.numerator, terms.alpha
     if alpha == "global":  # alpha = sum(mask) / sum(w * mask) over dp_group: one all-reduce of two numbers
         sums = all_reduce_sum(torch.stack([terms.num_tokens, terms.weight_sum]).float(), resolve_dp_group(dp_group))

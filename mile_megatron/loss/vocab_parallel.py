@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 
 from .common import (FLOOR, STATS, TRAILER, check_trailers, checks_active, must_read_trailer, trailer_values,
-                     validate_target, validate_weight_parameters)  # noqa: F401  (validate_*: public here)
+                     validate_target, validate_weight_parameters)
 from .parallel import ProcessGroup, all_gather_rows, group_rank, group_size, resolve_tp_group
 from .settings import use_triton
 
@@ -131,6 +131,16 @@ def token_weights(kind: str, ce: torch.Tensor, entropy: torch.Tensor, gamma: flo
     return torch.ones_like(ce)
 
 
+def token_outputs(ctx, ce: torch.Tensor, entropy: torch.Tensor, weight: torch.Tensor,
+                  shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An autograd forward's outputs (w * CE, CE, H, w) in fp32 and the target's shape; only w * CE is
+    differentiable."""
+    loss = (weight * ce).float().view(shape)
+    ce, entropy, weight = (x.float().view(shape) for x in (ce, entropy, weight))
+    ctx.mark_non_differentiable(ce, entropy, weight)
+    return loss, ce, entropy, weight
+
+
 def logits_gradient(z: torch.Tensor, local_target: torch.Tensor, on_rank: torch.Tensor, global_max: torch.Tensor,
                     log_z: torch.Tensor, target_grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """g w (p - onehot) of rows z [n, V] in the compute dtype, with scale = g w and target_grad = expm1(-CE)
@@ -161,11 +171,7 @@ class _WeightedVocabParallelCrossEntropy(torch.autograd.Function):
 
         ctx.save_for_backward(rows, local_target, on_rank, global_max, log_z, ce, weight)
         ctx.logits_shape = logits.shape
-        shape = target.shape
-        loss = (weight * ce).float().view(shape)
-        ce, entropy, weight = (x.float().view(shape) for x in (ce, entropy, weight))
-        ctx.mark_non_differentiable(ce, entropy, weight)
-        return loss, ce, entropy, weight
+        return token_outputs(ctx, ce, entropy, weight, target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_entropy, _grad_weight):
