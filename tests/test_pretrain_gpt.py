@@ -366,3 +366,24 @@ def test_megatron_assertions_are_reported_by_their_check(capsys, monkeypatch):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "mile-pretrain: error: Megatron rejected the arguments: assert args.save_interval is not None" in error
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--num-experts", "2"], "MoE (--num-experts) is not supported"),
+    (["--mtp-num-layers", "1"], "multi-token prediction (--mtp-num-layers) is not supported"),
+    (["--use-mup"], "--use-mup scales the logits"),
+])
+@pytest.mark.parametrize("cpu", [True, False])
+def test_unsupported_configurations_are_refused_once_with_the_reason(monkeypatch, flags, reason, cpu):
+    """Each refused setting is named exactly once, in CPU mode and out of it (checked before Megatron validates)."""
+    from megatron.training.arguments import parse_args
+
+    from mile_megatron.engines.megatron.cli import add_arguments, build_megatron_argv, check_supported
+    from mile_megatron.utils.errors import UsageError
+
+    argv = build_megatron_argv(["--tokenizer-type", "NullTokenizer", "--vocab-size", "64", "--mock-data", *flags],
+                               "tiny", cpu)
+    monkeypatch.setattr(sys, "argv", ["mile-pretrain", *argv])
+    with pytest.raises(UsageError) as refused:
+        check_supported(parse_args(add_arguments), cpu)
+    assert str(refused.value).count(reason) == 1

@@ -335,8 +335,6 @@ def check_megatron_args(args: Any) -> None:
         problems.append(f"--transformer-impl {args.transformer_impl}: use local on CPU")
     if getattr(args, "sequence_parallel", False):
         problems.append("--sequence-parallel needs TransformerEngine or apex norms (GPU only)")
-    if getattr(args, "num_experts", None):
-        problems.append("MoE (--num-experts) is not supported by mile-pretrain")
     if getattr(args, "cuda_graph_impl", "none") != "none":
         problems.append("--cuda-graph-impl needs CUDA")
     if getattr(args, "tp_comm_overlap", False):
